@@ -1,0 +1,5 @@
+"""``python -m onnxlw``."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The one frozen, typed configuration shared by the CLI, the Python API and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import OnnxlwError
+
+
+class Synthesis(str, enum.Enum):
+    """How layer inputs are synthesized from BatchNorm statistics.
+
+    ``MATCHED``: draw the graph input from the declared distribution and push it through the
+    whole FP32 network; at every (folded) BatchNorm output, re-standardize each channel over
+    the synthetic batch to exactly N(B_c, scale_c^2) moments. Keeps cross-channel and spatial
+    correlation produced by the layers in between.
+    ``GAUSSIAN``: every BatchNorm output is replaced by fresh independent N(B_c, scale_c^2)
+    samples (one hop): the layer sees only the ops between its nearest BNs and itself.
+    """
+
+    MATCHED = "matched"
+    GAUSSIAN = "gaussian"
+
+
+class InputDistribution(str, enum.Enum):
+    """Declared distribution of the graph input (per channel zero mean, unit variance)."""
+
+    PINK = "pink"  # 1/f spatial spectrum, like natural images
+    GAUSSIAN = "gaussian"  # i.i.d. N(0, 1) per pixel
+
+
+class WeightScale(str, enum.Enum):
+    """How per-output-channel weight scales are chosen."""
+
+    OUTPUT_MSE = "output-mse"  # minimize the layer's output error on synthesized inputs
+    MINMAX = "minmax"  # max |w| / qmax
+
+
+class ActRange(str, enum.Enum):
+    """How per-tensor activation ranges are chosen."""
+
+    MSE = "mse"  # minimize quantization MSE of the synthesized activations
+    MINMAX = "minmax"  # min/max of the synthesized activations
+
+
+class BiasCorrection(str, enum.Enum):
+    """Which expected output shift is folded back into the bias."""
+
+    NONE = "none"
+    WEIGHTS = "weights"  # shift from weight quantization: (W_q - W) E[x]
+    FULL = "full"  # shift from weight and input quantization: W E[x] - W_q E[Q(x)]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every option of a compression run. Immutable; recorded verbatim in the report."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    seed: int = 0
+    samples: int = 16
+    """Number of synthetic images drawn at the graph input (batch of the synthesis run)."""
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Pins for dynamic input dims, used for synthesis only: ((name, dims), ...)."""
+    input_distribution: InputDistribution = InputDistribution.PINK
+    synthesis: Synthesis = Synthesis.MATCHED
+    weight_scale: WeightScale = WeightScale.OUTPUT_MSE
+    act_range: ActRange = ActRange.MSE
+    bias_correction: BiasCorrection = BiasCorrection.FULL
+    quantize_classifier: bool = True
+    """Quantize Gemm/MatMul layers whose output is a graph output."""
+    validate_samples: int = 8
+    """Synthetic inputs used to compare the output with the original in ``validate``."""
+    max_positions: int = 4096
+    """Input positions sampled per layer for the weight solve (columns of im2col)."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.weight_bits <= 8:
+            raise OnnxlwError(f"--weight-bits {self.weight_bits} is out of range", "use 2..8")
+        if self.act_bits != 8:
+            raise OnnxlwError(
+                f"--act-bits {self.act_bits} is not supported yet",
+                "use --act-bits 8 (onnxruntime fuses only 8-bit activations)",
+            )
+        if self.samples < 2:
+            raise OnnxlwError(f"--samples {self.samples} is too small", "use --samples 2 or more")
+        if self.seed < 0:
+            raise OnnxlwError(f"--seed {self.seed} is negative", "use a seed >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view of the options (enums as their values)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.value
+            elif f.name == "input_shapes":
+                v = {name: list(dims) for name, dims in v}
+            out[f.name] = v
+        return out
+
+    def input_shape_map(self) -> dict[str, tuple[int, ...]]:
+        """The ``input_shapes`` pins as a dict."""
+        return dict(self.input_shapes)
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``name:1,3,224,224`` into ``("name", (1, 3, 224, 224))``."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise OnnxlwError(
+            f"--input-shape {text!r} is not of the form NAME:D1,D2,...",
+            "write e.g. --input-shape input:1,3,224,224",
+        )
+    return name, shape

@@ -1,0 +1,101 @@
+"""The solve driver: turns analysis records and samples into numpy problems, runs the solvers.
+
+The solvers in :mod:`onnxlw.solve` see only arrays; this module is the only place that knows
+how a layer's weight tensor maps to a grouped matrix and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .analyze import Analysis, LayerRecord
+from .config import Config
+from .graph import GraphView
+from .passes import Canonical
+from .solve.patches import conv_patches, dense_rows
+from .solve.problem import ActRange, LayerProblem, QuantSpec, WeightSolution
+from .solve.ranges import choose_range, fake_quant
+from .solve.weights import solve_weights
+from .synth import Samples
+
+RANGE_SAMPLE_LIMIT = 1 << 21
+"""Values per tensor used for the range search (a seeded subsample beyond this)."""
+
+
+@dataclass
+class QuantPlan:
+    """Every decision of the solve stage, keyed by analysis records."""
+
+    act: dict[str, ActRange] = field(default_factory=dict)
+    weights: dict[int, WeightSolution] = field(default_factory=dict)
+
+
+def layer_matrix(rec: LayerRecord, w: np.ndarray) -> np.ndarray:
+    """Weight tensor -> grouped matrix (G, O, K)."""
+    if rec.op_type == "Conv":
+        assert rec.geom is not None
+        g = rec.geom.group
+        return w.reshape(g, w.shape[0] // g, -1)
+    if rec.op_type == "MatMul":
+        return w.T[None]
+    return w[None]
+
+
+def matrix_to_weight(rec: LayerRecord, m: np.ndarray) -> np.ndarray:
+    """Grouped matrix (G, O, K) -> weight tensor of ``rec.weight_shape``."""
+    if rec.op_type == "MatMul":
+        return m[0].T
+    return m.reshape(rec.weight_shape)
+
+
+def solve_plan(
+    canon: Canonical,
+    analysis: Analysis,
+    samples: Samples,
+    config: Config,
+    progress: Callable[[int, int], None] | None = None,
+) -> QuantPlan:
+    """Activation ranges for every quantized tensor, then weight solutions per layer."""
+    rng = np.random.default_rng(config.seed + 1)
+    plan = QuantPlan()
+    for name, qt in analysis.qtensors.items():
+        if qt.same_as is not None:
+            continue
+        v = samples.values[name].ravel()
+        if v.size > RANGE_SAMPLE_LIMIT:
+            v = v[rng.choice(v.size, RANGE_SAMPLE_LIMIT, replace=False)]
+        plan.act[name] = choose_range(v, bits=config.act_bits, method=config.act_range.value,
+                                      lo_bound=qt.lo_bound, hi_bound=qt.hi_bound)
+    for name, qt in analysis.qtensors.items():
+        if qt.same_as is not None:
+            plan.act[name] = plan.act[qt.same_as]
+    view = GraphView(canon.model)
+    spec = QuantSpec(bits=config.weight_bits, scale_method=config.weight_scale.value,
+                     bias_correction=config.bias_correction.value)
+    active = analysis.active_layers
+    for k, rec in enumerate(active):
+        w = view.const(rec.weight).astype(np.float32)
+        x = _layer_inputs(rec, samples.values[rec.input], config, rng)
+        r = plan.act.get(rec.input)
+        xq = fake_quant(x, r.scale, r.zero_point, config.act_bits) if r is not None else None
+        b = view.const(rec.bias) if rec.bias else None
+        wm = layer_matrix(rec, w)
+        bias = b.reshape(wm.shape[0], wm.shape[1]) if b is not None else None
+        plan.weights[rec.index] = solve_weights(LayerProblem(wm, x, xq, bias, spec))
+        if progress:
+            progress(k + 1, len(active))
+    return plan
+
+
+def _layer_inputs(rec: LayerRecord, x: np.ndarray, config: Config, rng: np.random.Generator
+                  ) -> np.ndarray:
+    if rec.op_type == "Conv":
+        assert rec.geom is not None
+        gm = rec.geom
+        return conv_patches(x, group=gm.group, kernel=gm.kernel, strides=gm.strides,
+                            pads=gm.pads, dilations=gm.dilations,
+                            positions=config.max_positions, rng=rng)
+    return dense_rows(x, config.max_positions, rng)

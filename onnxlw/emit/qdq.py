@@ -1,0 +1,135 @@
+"""Write the QDQ model that onnxruntime fuses into integer kernels.
+
+Conventions (x86 CPU): uint8 asymmetric per-tensor activations; int8 symmetric per-channel
+weights in [-127, 127] on the output-channel axis; int32 bias whose scale is the input scale
+times the weight scale. Every quantized Conv reads ``DQ(x)``, ``DQ(w)``, ``DQ(b)`` and feeds
+one ``Q``, so onnxruntime rewrites it as QLinearConv. A Relu/Clip(0, hi) after a layer is
+absorbed into that Q when the Q's range lies within the clip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..analyze import Analysis
+from ..driver import QuantPlan, matrix_to_weight
+from ..graph import GraphView, NameAllocator, rebuild
+
+
+def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onnx.ModelProto:
+    """A new QDQ model; ``model`` (the canonical FP32 model) is not modified."""
+    view = GraphView(model)
+    alloc = NameAllocator(model)
+    inits: list[onnx.TensorProto] = list(model.graph.initializer)
+    absorbed = {qt.absorbed_node for qt in analysis.qtensors.values() if qt.absorbed_node}
+    rewire: dict[str, str] = {}  # FP tensor -> its dequantized replacement for consumers
+    after: dict[str, list[onnx.NodeProto]] = {}  # producer-output -> Q/DQ nodes to insert
+    head: list[onnx.NodeProto] = []
+
+    for name, qt in analysis.qtensors.items():
+        r = plan.act[name]
+        s_name, z_name = alloc.fresh(f"{name}_scale"), alloc.fresh(f"{name}_zero_point")
+        inits += [numpy_helper.from_array(np.array(r.scale, np.float32), s_name),
+                  numpy_helper.from_array(np.array(r.zero_point, np.uint8), z_name)]
+        src = qt.pre if qt.pre is not None else name
+        q_out, dq_out = alloc.fresh(f"{name}_quantized"), alloc.fresh(f"{name}_dequantized")
+        nodes = [
+            helper.make_node("QuantizeLinear", [src, s_name, z_name], [q_out],
+                             name=alloc.fresh(f"{name}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                             name=alloc.fresh(f"{name}_DequantizeLinear")),
+        ]
+        if src in view.graph_inputs:
+            head += nodes
+        else:
+            after.setdefault(src, []).extend(nodes)
+        rewire[name] = dq_out
+
+    layer_inputs: dict[str, tuple[str, str | None]] = {}
+    for rec in analysis.active_layers:
+        sol = plan.weights[rec.index]
+        x_scale = np.float32(plan.act[rec.input].scale)
+        w_scale = sol.scale.reshape(-1).astype(np.float32)
+        q = matrix_to_weight(rec, sol.q).astype(np.int8)
+        axis = rec.out_axis
+        wq, ws, wz = (alloc.fresh(f"{rec.weight}_quantized"), alloc.fresh(f"{rec.weight}_scale"),
+                      alloc.fresh(f"{rec.weight}_zero_point"))
+        wdq = alloc.fresh(f"{rec.weight}_dequantized")
+        inits += [numpy_helper.from_array(q, wq), numpy_helper.from_array(w_scale, ws),
+                  numpy_helper.from_array(np.zeros_like(w_scale, np.int8), wz)]
+        deq = [helper.make_node("DequantizeLinear", [wq, ws, wz], [wdq], axis=axis,
+                                name=alloc.fresh(f"{rec.weight}_DequantizeLinear"))]
+        b_scale = (x_scale * w_scale).astype(np.float32)
+        bias_f = sol.bias.reshape(-1).astype(np.float64)
+        bq = np.clip(np.rint(bias_f / b_scale.astype(np.float64)), -(2**31), 2**31 - 1)
+        base = rec.bias or f"{rec.node}_bias"
+        bqn, bsn, bzn = (alloc.fresh(f"{base}_quantized"), alloc.fresh(f"{base}_scale"),
+                         alloc.fresh(f"{base}_zero_point"))
+        bdq = alloc.fresh(f"{base}_dequantized")
+        inits += [numpy_helper.from_array(bq.astype(np.int32), bqn),
+                  numpy_helper.from_array(b_scale, bsn),
+                  numpy_helper.from_array(np.zeros(len(b_scale), np.int32), bzn)]
+        deq.append(helper.make_node("DequantizeLinear", [bqn, bsn, bzn], [bdq], axis=0,
+                                    name=alloc.fresh(f"{base}_DequantizeLinear")))
+        head += deq
+        layer_inputs[rec.node] = (wdq, bdq)
+
+    out_nodes: list[onnx.NodeProto] = list(head)
+    for n in view.nodes:
+        if n.name in absorbed:
+            continue
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        for k, i in enumerate(m.input):
+            if i in rewire:
+                m.input[k] = rewire[i]
+        if n.name in layer_inputs:
+            wdq, bdq = layer_inputs[n.name]
+            m.input[1] = wdq
+            if n.op_type == "MatMul":
+                pass  # MatMul has no bias input; the bias is added below
+            elif len(m.input) > 2:
+                m.input[2] = bdq or m.input[2]
+            else:
+                m.input.append(bdq)
+        out_nodes.append(m)
+        for o in n.output:
+            out_nodes.extend(after.get(o, []))
+    out_nodes = _matmul_bias(out_nodes, analysis, layer_inputs, alloc)
+    return rebuild(model, out_nodes, inits)
+
+
+def _matmul_bias(
+    nodes: list[onnx.NodeProto],
+    analysis: Analysis,
+    layer_inputs: dict[str, tuple[str, str | None]],
+    alloc: NameAllocator,
+) -> list[onnx.NodeProto]:
+    """MatMul has no bias input: add the corrected bias with an Add after it."""
+    mm = {r.node: r for r in analysis.active_layers if r.op_type == "MatMul"}
+    if not mm:
+        return nodes
+    out: list[onnx.NodeProto] = []
+    for n in nodes:
+        if n.name in mm:
+            _, bdq = layer_inputs[n.name]
+            tmp = alloc.fresh(f"{n.output[0]}_nobias")
+            orig = n.output[0]
+            n.output[0] = tmp
+            out.append(n)
+            out.append(helper.make_node("Add", [tmp, bdq], [orig],
+                                        name=alloc.fresh(f"{n.name}_bias_add")))
+        else:
+            out.append(n)
+    return out
+
+
+def quantized_dtype_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer element counts by dtype name (for the report)."""
+    out: dict[str, int] = {}
+    for t in model.graph.initializer:
+        key = TensorProto.DataType.Name(t.data_type)
+        out[key] = out.get(key, 0) + int(np.prod(t.dims)) if t.dims else out.get(key, 0) + 1
+    return out

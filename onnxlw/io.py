@@ -1,0 +1,243 @@
+"""Loading models safely and writing them atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper, shape_inference, version_converter
+
+from .config import Config
+from .errors import OnnxlwError
+
+MIN_OPSET = 13
+"""QDQ with per-channel axis needs opset 13; older models are converted up to it."""
+
+
+@dataclass
+class LoadedModel:
+    """A checked, shape-inferred model and where it came from."""
+
+    model: onnx.ModelProto
+    source: str
+    sha256: str
+    opset: int
+    external_data: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedModel:
+    """Read, check and shape-infer a model; pin dynamic input dims only for synthesis later.
+
+    Raises OnnxlwError for any problem the user must fix. The input is never modified.
+    """
+    notes: list[str] = []
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+        source = "<ModelProto>"
+        digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+        external = False
+    else:
+        path = Path(src)
+        source = str(path)
+        model, digest, external = _read_file(path)
+    _check_weights_finite(model)
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as e:  # noqa: BLE001 - converter raises many types
+            raise OnnxlwError(
+                f"the model uses opset {opset} and could not be converted to {MIN_OPSET} ({e})",
+                "re-export the model with opset 13 or newer",
+            ) from None
+        notes.append(f"converted opset {opset} -> {MIN_OPSET} (QDQ per-channel needs 13)")
+        opset = MIN_OPSET
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise OnnxlwError(f"the model fails onnx.checker: {first}", "fix or re-export it") from None
+    model = _infer_shapes(model)
+    _check_input_dims(model, config)
+    return LoadedModel(model, source, digest, opset, external, notes)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The opset version of the default ONNX domain."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def _read_file(path: Path) -> tuple[onnx.ModelProto, str, bool]:
+    if not path.exists():
+        raise OnnxlwError(f"{path}: no such file", "check the path")
+    if not path.is_file():
+        raise OnnxlwError(f"{path}: is not a file", "pass the path of an .onnx file")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise OnnxlwError(
+            f"{path}: not a valid ONNX file (truncated or another format)",
+            "pass an uncorrupted .onnx model",
+        ) from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise OnnxlwError(
+            f"{path}: not a valid ONNX model (no graph)", "pass an uncorrupted .onnx model"
+        )
+    external = _check_external_data(model, path.parent)
+    if external:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    return model, digest, external
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> bool:
+    base = base.resolve()
+    found = False
+    for t in _tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        found = True
+        loc = next((kv.value for kv in t.external_data if kv.key == "location"), "")
+        target = (base / loc).resolve()
+        if not loc or os.path.isabs(loc) or base not in target.parents:
+            raise OnnxlwError(
+                f"tensor {t.name!r}: external data location {loc!r} points outside the model's "
+                "folder",
+                "keep external data files next to the model (relative location)",
+            )
+        if not target.is_file():
+            raise OnnxlwError(
+                f"tensor {t.name!r}: external data file {loc!r} is missing",
+                f"put {loc} next to the model",
+            )
+    return found
+
+
+def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    out = list(model.graph.initializer)
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                out.append(a.t)
+    return out
+
+
+def _check_weights_finite(model: onnx.ModelProto) -> None:
+    for t in _tensors(model):
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                               onnx.TensorProto.DOUBLE):
+            continue
+        a = numpy_helper.to_array(t)
+        if a.size and not np.isfinite(a).all():
+            bad = "NaN" if np.isnan(a).any() else "Inf"
+            raise OnnxlwError(
+                f"weight {t.name or '<constant>'!r} contains {bad}",
+                "fix the trained weights before compressing",
+            )
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - shape inference is a best effort here
+        return model
+
+
+def _check_input_dims(model: onnx.ModelProto, config: Config) -> None:
+    inits = {t.name for t in model.graph.initializer}
+    pins = config.input_shape_map()
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    for name in pins:
+        if name not in names:
+            raise OnnxlwError(
+                f"--input-shape names {name!r}, which is not a graph input",
+                f"use one of: {', '.join(names)}",
+            )
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            if vi.name not in pins:
+                raise OnnxlwError(
+                    f"input {vi.name!r} has no shape",
+                    f"pass --input-shape {vi.name}:1,3,224,224 (your model's shape)",
+                )
+            continue
+        dims = tt.shape.dim
+        if vi.name in pins:
+            pin = pins[vi.name]
+            if len(pin) != len(dims) or any(
+                d.HasField("dim_value") and d.dim_value != p for d, p in zip(dims, pin)
+            ):
+                raise OnnxlwError(
+                    f"--input-shape {vi.name}:{','.join(map(str, pin))} does not match the "
+                    f"model's input shape {_dims_text(dims)}",
+                    "pin only the dynamic dims and keep the static ones",
+                )
+            continue
+        sym = [k for k, d in enumerate(dims) if k > 0 and not d.HasField("dim_value")]
+        if sym:
+            raise OnnxlwError(
+                f"input {vi.name!r} has symbolic dims {_dims_text(dims)} beyond the batch dim",
+                f"pass --input-shape {vi.name}:1,"
+                + ",".join(str(d.dim_value) if d.HasField("dim_value") else "N" for d in dims[1:])
+                + " with N replaced by the size to synthesize at",
+            )
+
+
+def _dims_text(dims) -> str:  # noqa: ANN001 - protobuf repeated field
+    return "[" + ",".join(d.dim_param or str(d.dim_value) if d.dim_param or d.HasField(
+        "dim_value") else "?" for d in dims) + "]"
+
+
+def save_atomic(
+    model: onnx.ModelProto, out: str | os.PathLike, *, external_data: bool = False
+) -> None:
+    """Write ``model`` to ``out`` via a temporary file in the same folder, then rename.
+
+    With ``external_data`` the weights go to ``<out name>.data`` next to it, also renamed into
+    place only after everything was written. Nothing partial is left behind on failure.
+    """
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxlwError(f"output folder {folder} does not exist", "create it or pick another -o")
+    if not os.access(folder, os.W_OK):
+        raise OnnxlwError(f"output folder {folder} is not writable", "pick a writable -o path")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data:
+            data_name = out.name + ".data"
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out)
+    except OSError as e:
+        raise OnnxlwError(f"could not write {out}: {e.strerror}", "check space and permissions")
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Thin helpers around onnxruntime: sessions, optimized-graph op counts, runs."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def session(
+    model: ModelLike,
+    *,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    threads: int = 0,
+    optimized_path: str | None = None,
+) -> ort.InferenceSession:
+    """A CPU session for a model given as a path or a ModelProto."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_counts(model: ModelLike) -> dict[str, int]:
+    """Op-type counts of the graph onnxruntime actually runs at ORT_ENABLE_ALL.
+
+    Keys are plain op types (domain dropped), e.g. ``{"QLinearConv": 52, "Conv": 0}``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "opt.onnx")
+        if isinstance(model, onnx.ModelProto):
+            src: ModelLike = model
+        else:
+            src = str(model)
+        session(src, optimized_path=path)
+        opt = onnx.load(path, load_external_data=False)
+    counts = collections.Counter(n.op_type for n in opt.graph.node)
+    return dict(sorted(counts.items()))
+
+
+def fused_conv_counts(model: ModelLike) -> tuple[int, int]:
+    """(integer convs, float convs) in the optimized graph.
+
+    Integer convs are ``QLinearConv`` (any domain, NCHW or NHWC); float convs are ``Conv``,
+    ``FusedConv`` and ``NhwcFusedConv``.
+    """
+    c = optimized_op_counts(model)
+    fused = c.get("QLinearConv", 0)
+    fp = c.get("Conv", 0) + c.get("FusedConv", 0) + c.get("NhwcFusedConv", 0)
+    return fused, fp
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 0) -> list[np.ndarray]:
+    """Run a session, optionally in chunks of ``batch`` along axis 0 of every feed."""
+    if not batch:
+        return sess.run(None, feeds)
+    n = next(iter(feeds.values())).shape[0]
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, n, batch):
+        parts.append(sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()}))
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external-data files it references."""
+    p = Path(path)
+    total = p.stat().st_size
+    m = onnx.load(str(p), load_external_data=False)
+    seen: set[str] = set()
+    for t in _all_tensors(m):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location" and kv.value not in seen:
+                    seen.add(kv.value)
+                    ext = p.parent / kv.value
+                    if ext.exists():
+                        total += ext.stat().st_size
+    return total
+
+
+def _all_tensors(m: onnx.ModelProto) -> list[onnx.TensorProto]:
+    out = list(m.graph.initializer)
+    for n in m.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                out.append(a.t)
+    return out

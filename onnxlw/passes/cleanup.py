@@ -1,0 +1,202 @@
+"""Drop inference no-ops (Identity, Dropout) and normalize Gemm and Pad for quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph import GraphView, NameAllocator, attrs, rebuild
+from .base import Note, PassResult
+
+
+def drop_noops(model: onnx.ModelProto) -> PassResult:
+    """Remove Identity and inference-mode Dropout, rewiring their consumers.
+
+    A no-op whose output is a graph output is removed only when its input can take the
+    output's name (it is produced by a node, not a graph input or initializer).
+    """
+    view = GraphView(model)
+    rename: dict[str, str] = {}
+    drop: set[int] = set()
+    notes: list[Note] = []
+    out_rename: dict[str, str] = {}
+    for n in view.nodes:
+        if n.op_type not in ("Identity", "Dropout") or n.domain not in ("", "ai.onnx"):
+            continue
+        where = n.name or n.output[0]
+        if n.op_type == "Dropout":
+            if len(n.input) > 2 and n.input[2]:
+                tm = view.const_or_none(n.input[2])
+                if tm is None or bool(tm):
+                    notes.append(Note("drop_noops", "Dropout", where, False,
+                                      "training_mode is not constant false"))
+                    continue
+            if len(n.output) > 1 and n.output[1] and view.consumers.get(n.output[1]):
+                notes.append(Note("drop_noops", "Dropout", where, False, "mask output is used"))
+                continue
+        src, dst = n.input[0], n.output[0]
+        if dst in view.graph_outputs:
+            if src in view.producer and src not in view.graph_outputs and all(
+                c is n for c in view.consumers[src]
+            ):
+                out_rename[src] = dst
+            else:
+                notes.append(Note("drop_noops", n.op_type, where, False,
+                                  "its output is a graph output fed by an input or constant"))
+                continue
+        else:
+            rename[dst] = src
+        drop.add(id(n))
+        notes.append(Note("drop_noops", n.op_type, where, True))
+
+    def resolve(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    nodes = []
+    for n in view.nodes:
+        if id(n) in drop:
+            continue
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        for k, i in enumerate(m.input):
+            m.input[k] = resolve(i)
+        for k, o in enumerate(m.output):
+            m.output[k] = out_rename.get(o, o)
+        nodes.append(m)
+    if not notes:
+        notes.append(Note("drop_noops", "Identity/Dropout", "graph", False, "none present"))
+    return PassResult(rebuild(model, nodes, model.graph.initializer), notes)
+
+
+def normalize_gemm(model: onnx.ModelProto) -> PassResult:
+    """Rewrite Gemm with a constant B as alpha=1, beta=1, transB=1, and a 1-D bias C.
+
+    The weight matrix is then (out, in), so per-channel weight quantization uses axis 0.
+    """
+    view = GraphView(model)
+    alloc = NameAllocator(model)
+    new_inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    notes: list[Note] = []
+    for n in view.nodes:
+        if n.op_type != "Gemm":
+            nodes.append(n)
+            continue
+        where = n.name or n.output[0]
+        a = attrs(n)
+        b = view.const_or_none(n.input[1])
+        c = view.const_or_none(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        has_c = len(n.input) > 2 and bool(n.input[2])
+        if b is None or a.get("transA", 0):
+            notes.append(Note("normalize_gemm", "Gemm", where, False,
+                              "B is not constant" if b is None else "transA=1"))
+            nodes.append(n)
+            continue
+        if has_c and c is None:
+            notes.append(Note("normalize_gemm", "Gemm", where, False, "C is not constant"))
+            nodes.append(n)
+            continue
+        alpha = float(a.get("alpha", 1.0))
+        beta = float(a.get("beta", 1.0))
+        w = b.T if not a.get("transB", 0) else b
+        w = (alpha * w).astype(np.float32)
+        nout = w.shape[0]
+        if c is not None:
+            if c.size not in (1, nout) or (c.ndim == 2 and c.shape[0] != 1):
+                notes.append(Note("normalize_gemm", "Gemm", where, False,
+                                  f"C of shape {list(c.shape)} is not a per-output bias"))
+                nodes.append(n)
+                continue
+            bias = np.broadcast_to(beta * c.reshape(-1), (nout,)).astype(np.float32)
+        else:
+            bias = np.zeros(nout, np.float32)
+        if (
+            a.get("transB", 0) == 1 and alpha == 1.0 and beta == 1.0 and c is not None
+            and c.ndim == 1
+        ):
+            notes.append(Note("normalize_gemm", "Gemm", where, False, "already normal"))
+            nodes.append(n)
+            continue
+        wname = alloc.fresh(n.input[1] + "_t" if not a.get("transB", 0) else n.input[1])
+        bname = alloc.fresh((n.input[2] if has_c else n.output[0]) + "_bias")
+        new_inits += [numpy_helper.from_array(w, wname), numpy_helper.from_array(bias, bname)]
+        nodes.append(helper.make_node("Gemm", [n.input[0], wname, bname], list(n.output),
+                                      name=n.name, transB=1))
+        notes.append(Note("normalize_gemm", "Gemm", where, True))
+    if not notes:
+        notes.append(Note("normalize_gemm", "Gemm", "graph", False, "no Gemm"))
+    return PassResult(rebuild(model, nodes, list(model.graph.initializer) + new_inits), notes)
+
+
+def fuse_pad_into_conv(model: onnx.ModelProto) -> PassResult:
+    """Merge a zero, constant-mode Pad on the spatial dims into the pads of its Conv consumers."""
+    view = GraphView(model)
+    nodes: list[onnx.NodeProto] = []
+    notes: list[Note] = []
+    merged: dict[str, tuple[str, np.ndarray]] = {}  # pad output -> (pad input, spatial pads)
+    for n in view.nodes:
+        if n.op_type != "Pad":
+            continue
+        where = n.name or n.output[0]
+        reason = _pad_unfusable(n, view)
+        if reason:
+            notes.append(Note("fuse_pad_into_conv", "Pad", where, False, reason))
+            continue
+        pads = view.const(n.input[1]).astype(np.int64)
+        r = len(pads) // 2
+        merged[n.output[0]] = (n.input[0], np.concatenate([pads[2:r], pads[r + 2:]]))
+        notes.append(Note("fuse_pad_into_conv", "Pad", where, True))
+    for n in view.nodes:
+        if n.op_type == "Pad" and n.output[0] in merged:
+            continue
+        if n.op_type == "Conv" and n.input[0] in merged:
+            src, extra = merged[n.input[0]]
+            a = attrs(n)
+            k = len(extra) // 2
+            pads = np.asarray(a.get("pads", [0] * (2 * k)), np.int64) + extra
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.input[0] = src
+            del m.attribute[:]
+            for key, val in a.items():
+                if key not in ("pads", "auto_pad"):
+                    m.attribute.append(helper.make_attribute(key, val))
+            m.attribute.append(helper.make_attribute("pads", [int(p) for p in pads]))
+            nodes.append(m)
+        else:
+            nodes.append(n)
+    if not notes:
+        notes.append(Note("fuse_pad_into_conv", "Pad", "graph", False, "no Pad"))
+    return PassResult(rebuild(model, nodes, model.graph.initializer), notes)
+
+
+def _pad_unfusable(n: onnx.NodeProto, view: GraphView) -> str:
+    a = attrs(n)
+    mode = a.get("mode", b"constant")
+    if mode not in (b"constant", "constant"):
+        return f"mode {mode!r} is not constant"
+    if len(n.input) < 2 or view.const_or_none(n.input[1]) is None:
+        return "pads are not constant"
+    if len(n.input) > 2 and n.input[2]:
+        v = view.const_or_none(n.input[2])
+        if v is None or np.any(v != 0):
+            return "pad value is not zero"
+    if len(n.input) > 3 and n.input[3]:
+        return "Pad has an axes input"
+    pads = view.const(n.input[1])
+    r = len(pads) // 2
+    if r < 3 or np.any(pads[:2] != 0) or np.any(pads[r:r + 2] != 0) or np.any(pads < 0):
+        return "pads touch the batch or channel dims, or are negative"
+    cons = view.consumers.get(n.output[0], [])
+    if not cons or n.output[0] in view.graph_outputs:
+        return "its output is a graph output or unused"
+    for c in cons:
+        ca = attrs(c)
+        if c.op_type != "Conv" or c.input[0] != n.output[0]:
+            return f"consumer {c.op_type} is not a Conv data input"
+        if ca.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return "the Conv uses auto_pad"
+    return ""

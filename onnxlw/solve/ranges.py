@@ -1,0 +1,77 @@
+"""Per-tensor asymmetric activation ranges minimizing quantization MSE on samples.
+
+The error of a candidate range [lo, hi] is evaluated on a histogram of the samples: values
+outside are clipped (squared distance to the bound), values inside get the uniform rounding
+noise step^2 / 12. Zero is always exactly representable (ONNX zero-point convention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .problem import ActRange
+
+BINS = 2048
+
+
+def affine_params(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
+    """(scale, zero_point) of uint8-style range [lo, hi] containing 0."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmax = 2**bits - 1
+    if hi - lo <= 0:
+        return 1.0, 0
+    scale = (hi - lo) / qmax
+    zp = int(np.clip(np.rint(-lo / scale), 0, qmax))
+    return float(scale), zp
+
+
+def fake_quant(x: np.ndarray, scale: float, zp: int, bits: int = 8) -> np.ndarray:
+    """Quantize-dequantize ``x`` with round-half-to-even like onnxruntime."""
+    qmax = 2**bits - 1
+    return ((np.clip(np.rint(x / scale) + zp, 0, qmax) - zp) * scale).astype(x.dtype)
+
+
+def choose_range(
+    values: np.ndarray,
+    *,
+    bits: int = 8,
+    method: str = "mse",
+    lo_bound: float | None = None,
+    hi_bound: float | None = None,
+    grid: int = 96,
+) -> ActRange:
+    """Range for ``values`` (any shape). Bounds come from an absorbed Relu/Clip (lo=0)."""
+    v = values.astype(np.float64).ravel()
+    vmin, vmax = float(v.min()), float(v.max())
+    lo_fix = lo_bound is not None and lo_bound >= 0.0
+    if lo_fix:
+        vmin = max(vmin, 0.0)
+    if hi_bound is not None:
+        vmax = min(vmax, hi_bound)
+    vmin, vmax = min(vmin, 0.0), max(vmax, 0.0)
+    if method == "minmax" or vmax - vmin <= 0:
+        s, z = affine_params(vmin, vmax, bits)
+        return ActRange(vmin, vmax, s, z, float("nan"), "minmax")
+    if method != "mse":
+        raise ValueError(f"unknown range method {method}")
+    hist, edges = np.histogram(np.clip(v, vmin, vmax), bins=BINS, range=(vmin, vmax))
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    hist = hist.astype(np.float64) / v.size
+    fr = np.linspace(0.05, 1.0, grid)
+    his = vmax * fr if vmax > 0 else np.array([0.0])
+    los = np.array([0.0]) if lo_fix or vmin >= 0 else vmin * fr
+    qmax = 2**bits - 1
+    best = (np.inf, vmin, vmax)
+    for lo in los:
+        step = (his - lo) / qmax  # (H,)
+        below = np.clip(lo - centers, 0, None)  # (B,)
+        above = np.clip(centers[None, :] - his[:, None], 0, None)  # (H, B)
+        inside = (centers[None, :] >= lo) & (centers[None, :] <= his[:, None])
+        err = (hist * below**2).sum() + (above**2 * hist).sum(axis=1) + (
+            inside * hist).sum(axis=1) * step**2 / 12
+        k = int(np.argmin(err))
+        if err[k] < best[0]:
+            best = (float(err[k]), float(lo), float(his[k]))
+    _, lo, hi = best
+    s, z = affine_params(lo, hi, bits)
+    return ActRange(lo, hi, s, z, best[0], "mse")

@@ -1,0 +1,68 @@
+"""Validate an emitted model in onnxruntime: it loads, its convs fuse, it agrees with FP32."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .config import Config
+from .errors import OnnxlwError
+from .ortutil import session
+from .synth import input_shapes
+from .synth.inputs import synthetic_input
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Measured facts about the emitted model (ORT_ENABLE_ALL, CPU)."""
+
+    qlinear_conv: int
+    float_conv: int
+    op_counts: dict[str, int]
+    sqnr_db: float
+    top1_agreement: float | None
+    samples: int
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready view."""
+        return asdict(self)
+
+
+def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Config
+             ) -> Validation:
+    """Load ``quantized`` in ORT (failing loudly), count fused ops, compare with ``reference``.
+
+    Inputs are seeded synthetic draws of the declared input distribution.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        opt_path = os.path.join(tmp, "optimized.onnx")
+        try:
+            qs = session(quantized, optimized_path=opt_path)
+        except Exception as e:  # noqa: BLE001 - ORT raises several types
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxlwError(
+                f"the compressed model does not load in onnxruntime: {msg}",
+                "rerun with -v and report it; no output was written",
+            ) from None
+        opt = onnx.load(opt_path, load_external_data=False)
+    counts = dict(sorted(collections.Counter(n.op_type for n in opt.graph.node).items()))
+    rs = session(reference)
+    rng = np.random.default_rng(config.seed + 2)
+    shapes = input_shapes(reference, config, config.validate_samples)
+    feeds = {k: synthetic_input(v, config.input_distribution, rng) for k, v in shapes.items()}
+    ref = rs.run(None, feeds)
+    got = qs.run(None, feeds)
+    sig = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    err = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got))
+    sqnr = float(10 * np.log10(sig / err)) if err > 0 else float("inf")
+    agree = None
+    if ref[0].ndim == 2 and ref[0].shape[1] > 1:
+        agree = float(np.mean(ref[0].argmax(1) == got[0].argmax(1)))
+    fused = counts.get("QLinearConv", 0)
+    fp = counts.get("Conv", 0) + counts.get("FusedConv", 0) + counts.get("NhwcFusedConv", 0)
+    return Validation(fused, fp, counts, sqnr, agree, config.validate_samples)
