@@ -72,6 +72,8 @@ class Config:
     bias_correction: BiasCorrection = BiasCorrection.FULL
     quantize_classifier: bool = True
     """Quantize Gemm/MatMul layers whose output is a graph output."""
+    saturation_guard: bool = True
+    """Keep weight pairs within int16 for x86 u8s8 kernels without VNNI (VPMADDUBSW)."""
     validate_samples: int = 8
     """Synthetic inputs used to compare the output with the original in ``validate``."""
     max_positions: int = 4096

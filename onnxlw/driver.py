@@ -84,10 +84,33 @@ def solve_plan(
         b = view.const(rec.bias) if rec.bias else None
         wm = layer_matrix(rec, w)
         bias = b.reshape(wm.shape[0], wm.shape[1]) if b is not None else None
-        plan.weights[rec.index] = solve_weights(LayerProblem(wm, x, xq, bias, spec))
+        pairs = u8s8_pairs(rec) if config.saturation_guard else None
+        plan.weights[rec.index] = solve_weights(LayerProblem(wm, x, xq, bias, spec, pairs))
         if progress:
             progress(k + 1, len(active))
     return plan
+
+
+def u8s8_pairs(rec: LayerRecord) -> np.ndarray | None:
+    """Input pairs that onnxruntime's x86 u8s8 GEMM adds in int16 (VPMADDUBSW), as (P, 2).
+
+    The GEMM packs K in onnxruntime's order: (kh, kw, c) for a conv (its QLinearConv runs
+    channels-last), plain input order for Gemm/MatMul. Depthwise convs use a kernel that
+    accumulates in int32 and need no guard.
+    """
+    if rec.op_type == "Conv":
+        assert rec.geom is not None
+        cin_g = rec.weight_shape[1]
+        if cin_g == 1 and rec.geom.group > 1:
+            return None
+        kh, kw = rec.weight_shape[2], rec.weight_shape[3]
+        order = np.arange(cin_g * kh * kw).reshape(cin_g, kh, kw).transpose(1, 2, 0).ravel()
+    else:
+        k = rec.weight_shape[1] if rec.op_type == "Gemm" else rec.weight_shape[0]
+        order = np.arange(k)
+    if len(order) % 2:
+        order = order[:-1]
+    return order.reshape(-1, 2)
 
 
 def _layer_inputs(rec: LayerRecord, x: np.ndarray, config: Config, rng: np.random.Generator

@@ -113,6 +113,7 @@ def ort_static(
     calib: np.ndarray,
     activation_type: str = "S8",
     batch: int = 8,
+    reduce_range: bool = False,
 ) -> tuple[str, float]:
     """onnxruntime static QDQ quantization calibrated on ``calib`` ``[N, C, H, W]`` float32.
 
@@ -134,19 +135,19 @@ def ort_static(
             activation_type=act,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            reduce_range=reduce_range,
         )
     return str(out_path), time.perf_counter() - t0
 
 
 def ort_dynamic(
-    model_path: PathLike, out_path: PathLike, weight_type: str = "U8"
+    model_path: PathLike, out_path: PathLike, weight_type: str = "S8"
 ) -> tuple[str, float]:
     """onnxruntime dynamic quantization (``quant_pre_process`` + ``quantize_dynamic``).
 
-    Conv becomes ``DynamicQuantizeLinear`` + ``ConvInteger``. ``weight_type`` defaults to
-    ``"U8"`` (QUInt8) because onnxruntime's CPU ``ConvInteger`` kernel only accepts uint8
-    weights: with QInt8 the model is written but fails to load (NOT_IMPLEMENTED). Returns
-    ``(out_path, wall_seconds)``.
+    Conv becomes ``DynamicQuantizeLinear`` + ``ConvInteger`` (activations quantized to uint8
+    at run time, no QLinearConv). ``weight_type`` ``"S8"`` (QInt8, the default) or ``"U8"``;
+    with onnxruntime 1.32 both load and run on CPU. Returns ``(out_path, wall_seconds)``.
     """
     wt = {"S8": QuantType.QInt8, "U8": QuantType.QUInt8}[weight_type.upper()]
     t0 = time.perf_counter()
@@ -156,18 +157,42 @@ def ort_dynamic(
     return str(out_path), time.perf_counter() - t0
 
 
+def load_calibration(
+    folder: PathLike, preprocess: object, n: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> np.ndarray:
+    """``n`` evenly spread images ``[n, C, H, W]`` float32 from ``folder``, skipping files whose
+    path relative to ``folder`` is in ``exclude`` (keeps calibration and evaluation disjoint
+    when both come from the same folder)."""
+    from onnxlw.evaluation.preprocess import decode, list_images, spread_indices, transform
+
+    files, _ = list_images(folder)
+    rest = [f for f in files if str(f.relative_to(folder)) not in exclude]
+    return np.stack([transform(decode(rest[i]), preprocess) for i in spread_indices(len(rest), n)])
+
+
 # ---------------------------------------------------------------------------------------------
 # script: measure the baselines on one model
+
+
+def _logits(path: str, x: np.ndarray, simulated: bool) -> np.ndarray:
+    """Logits; ``simulated`` runs without graph optimization (float QDQ simulation, no
+    integer kernels)."""
+    import onnxruntime as ort
+
+    lv = ort.GraphOptimizationLevel
+    sess = ortutil.session(path, level=lv.ORT_DISABLE_ALL if simulated else lv.ORT_ENABLE_ALL)
+    return ortutil.run(sess, {sess.get_inputs()[0].name: x}, batch=32)[0]
 
 
 def _measure(
     name: str, path: str, secs: float, x: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray
 ) -> dict[str, object]:
-    from onnxlw.evaluation import metrics, run_model
+    from onnxlw.evaluation import metrics
 
     counts = ortutil.optimized_op_counts(path)
     q, fp = ortutil.fused_conv_counts(path)
-    m = metrics(ref_logits, run_model(path, x, 32), labels)
+    m = metrics(ref_logits, _logits(path, x, False), labels)
+    sim = metrics(ref_logits, _logits(path, x, True), labels)
     return {
         "baseline": name,
         "seconds": round(secs, 2),
@@ -175,9 +200,10 @@ def _measure(
         "Conv": fp,
         "ConvInteger": counts.get("ConvInteger", 0),
         "agreement": m["top1_agreement"],
+        "agreement_simulated": sim["top1_agreement"],
         "top1": m["cand_top1"],
         "ref_top1": m["ref_top1"],
-        "kl": m["kl_mean"],
+        "kl": round(m["kl_mean"], 5),
         "bytes": ortutil.file_size(path),
     }
 
@@ -193,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", required=True, help="evaluation image folder")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--only", nargs="*", default=None, help="static-s8 static-u8 gauss dyn")
+    ap.add_argument("--only", nargs="*", default=None, help=" ".join(JOBS))
     a = ap.parse_args(argv)
     pre = select_preset(a.model)
-    calib, _, _ = load_images(a.calib, pre, a.calib_n)
-    x, labels, _ = load_images(a.images, pre, a.limit)
+    x, labels, names = load_images(a.images, pre, a.limit)
+    same = Path(a.calib).resolve() == Path(a.images).resolve()
+    calib = load_calibration(a.calib, pre, a.calib_n, set(names) if same else set())
     ref_logits = run_model(a.model, x, 32)
     out_dir = Path(a.out_dir or tempfile.mkdtemp(prefix="ortbase-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {
         "static-s8": lambda p: ort_static(a.model, p, calib, "S8"),
         "static-u8": lambda p: ort_static(a.model, p, calib, "U8"),
-        "gauss": lambda p: ort_static(a.model, p, gaussian_calibration(shape, a.calib_n), "S8"),
-        "dyn": lambda p: ort_dynamic(a.model, p),
+        "static-u8-rr": lambda p: ort_static(a.model, p, calib, "U8", reduce_range=True),
+        "gauss-s8": lambda p: ort_static(a.model, p, gaussian_calibration(shape, a.calib_n), "S8"),
+        "dynamic": lambda p: ort_dynamic(a.model, p, "S8"),
+        "dynamic-u8": lambda p: ort_dynamic(a.model, p, "U8"),
     }
     for key, job in jobs.items():
         if a.only and key not in a.only:
@@ -216,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_measure(key, path, secs, x, ref_logits, labels), flush=True)
     return 0
 
+
+JOBS = ("static-s8", "static-u8", "static-u8-rr", "gauss-s8", "dynamic", "dynamic-u8")
 
 if __name__ == "__main__":
     raise SystemExit(main())

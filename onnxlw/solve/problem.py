@@ -15,6 +15,7 @@ class QuantSpec:
     scale_method: str = "output-mse"  # or "minmax"
     bias_correction: str = "full"  # "none" | "weights" | "full"
     grid: int = 40  # candidate clipping ratios per channel
+    pair_limit: int = 128  # max |q_a + q_b| over a same-sign pair: 255 * 128 < 2**15
 
     @property
     def qmax(self) -> int:
@@ -29,6 +30,9 @@ class LayerProblem:
     ``weight``: (G, O, K) grouped weight matrix (G groups, O outputs per group, K inputs per
     group: Cin/G * kh * kw for a conv). ``x``: (M, G, K) sampled FP32 inputs (im2col columns).
     ``xq``: the same inputs after activation quantization, or None. ``bias``: (G, O) or None.
+    ``pairs``: (P, 2) indices into K of the input pairs the integer kernel multiplies and adds
+    in 16 bits (x86 u8s8 without VNNI saturates there); None when the kernel accumulates in
+    32 bits.
     """
 
     weight: np.ndarray
@@ -36,6 +40,7 @@ class LayerProblem:
     xq: np.ndarray | None
     bias: np.ndarray | None
     spec: QuantSpec
+    pairs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class WeightSolution:
 
     ``q``: (G, O, K) integers in [-qmax, qmax]; ``scale``: (G, O) per output channel;
     ``bias``: (G, O) corrected FP32 bias; ``clip``: (G, O) chosen ratio of max|w|.
+    ``saturation_fixes``: weights moved one level toward zero to keep u8s8 pairs in 16 bits.
     ``damping``: relative diagonal load added to H; ``dead_columns``: inputs whose synthetic
     samples were all zero (their weights do not affect the output error).
     ``sqnr_db``: output SQNR of the layer on its samples with the chosen scales, and
@@ -60,6 +66,7 @@ class WeightSolution:
     sqnr_db: float
     sqnr_minmax_db: float
     method: str
+    saturation_fixes: int = 0
 
     def dequantized(self) -> np.ndarray:
         """q * scale, shape (G, O, K)."""

@@ -21,6 +21,33 @@ def quantize(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(w / s), -qmax, qmax)
 
 
+def limit_pairs(
+    q: np.ndarray, r: np.ndarray, pairs: np.ndarray, limit: int, qmax: int
+) -> tuple[np.ndarray, int]:
+    """Keep every same-sign pair of integer weights within ``limit`` in magnitude sum.
+
+    ``q``: (G, O, K) integers; ``r``: (G, O, K) the unrounded values w / scale; ``pairs``:
+    (P, 2) indices into K, each index at most once. With uint8 inputs up to 255, a pair's
+    partial sum stays within int16 when its positive part and its negative part are each at
+    most 128 in magnitude. A pair over the limit (its two weights then share a sign) is set
+    to the closest integer pair whose magnitudes sum to exactly ``limit``: the excess is split
+    evenly over the two unrounded magnitudes. Returns the new ``q`` and the pairs changed.
+    """
+    ia, ib = pairs[:, 0], pairs[:, 1]
+    a, b = q[..., ia], q[..., ib]
+    over = np.abs(a + b) > limit  # over the limit implies a and b share a sign
+    if not over.any():
+        return q, 0
+    sign = np.sign(a + b)
+    ma, mb = np.abs(r[..., ia]), np.abs(r[..., ib])
+    t = (ma + mb - limit) / 2
+    na = np.clip(np.rint(ma - t), limit - qmax, qmax)
+    q = q.copy()
+    q[..., ia] = np.where(over, sign * na, a)
+    q[..., ib] = np.where(over, sign * (limit - na), b)
+    return q, int(over.sum())
+
+
 def second_moment(x: np.ndarray, centered: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-group H = E[x x^T] (or covariance) and mean. ``x`` (M, G, K) -> (G, K, K), (G, K)."""
     x64 = x.astype(np.float64)
@@ -49,24 +76,35 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
     h = h + load[..., None] * np.eye(k)
     wmax = np.abs(w).max(axis=2)
     base = wmax / spec.qmax
-    ref_err = output_error(w - quantize(w, base, spec.qmax) * base[..., None], h)
+    guard = p.pairs is not None and len(p.pairs) > 0
+
+    def levels(scale: np.ndarray) -> tuple[np.ndarray, int]:
+        q = quantize(w, scale, spec.qmax)
+        if not guard:
+            return q, 0
+        r = w / np.where(scale > 0, scale, 1.0)[..., None]
+        return limit_pairs(q, r, p.pairs, spec.pair_limit, spec.qmax)
+
+    def error(scale: np.ndarray) -> np.ndarray:
+        return output_error(w - levels(scale)[0] * scale[..., None], h)
+
+    # The reference: max|w| scales (guarded: halved, so no pair can exceed the limit).
+    ref_ratio = 2.0 if guard else 1.0
+    ref_err = error(base * ref_ratio)
     signal = output_error(w, h)
+    best_err, best_ratio = ref_err.copy(), np.full((g, o), ref_ratio)
     if spec.scale_method == "output-mse":
-        ratios = np.linspace(1.0, 0.5, spec.grid)
-        best_err = ref_err.copy()
-        best_ratio = np.ones((g, o))
-        for r in ratios[1:]:
-            s = base * r
-            err = output_error(w - quantize(w, s, spec.qmax) * s[..., None], h)
+        ratios = np.geomspace(0.5, 2.0, 2 * spec.grid) if guard else np.linspace(
+            1.0, 0.5, spec.grid)
+        for r in ratios:
+            err = error(base * r)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_ratio = np.where(better, r, best_ratio)
-    elif spec.scale_method == "minmax":
-        best_err, best_ratio = ref_err, np.ones((g, o))
-    else:
+    elif spec.scale_method != "minmax":
         raise ValueError(f"unknown scale method {spec.scale_method}")
     scale = base * best_ratio
-    q = quantize(w, scale, spec.qmax)
+    q, fixes = levels(scale)
     wq = q * scale[..., None]
     bias = np.zeros((g, o)) if p.bias is None else p.bias.astype(np.float64)
     shift = np.zeros((g, o))
@@ -89,6 +127,7 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
         sqnr_db=_db(tot_sig, float(best_err.sum())),
         sqnr_minmax_db=_db(tot_sig, float(ref_err.sum())),
         method=spec.scale_method,
+        saturation_fixes=fixes,
     )
 
 
