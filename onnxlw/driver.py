@@ -66,7 +66,7 @@ def solve_plan(
             continue
         v = samples.values[name].ravel()
         if v.size > RANGE_SAMPLE_LIMIT:
-            v = v[rng.choice(v.size, RANGE_SAMPLE_LIMIT, replace=False)]
+            v = v[rng.integers(0, v.size, RANGE_SAMPLE_LIMIT)]
         plan.act[name] = choose_range(v, bits=config.act_bits, method=config.act_range.value,
                                       lo_bound=qt.lo_bound, hi_bound=qt.hi_bound)
     for name, qt in analysis.qtensors.items():
@@ -84,15 +84,15 @@ def solve_plan(
         b = view.const(rec.bias) if rec.bias else None
         wm = layer_matrix(rec, w)
         bias = b.reshape(wm.shape[0], wm.shape[1]) if b is not None else None
-        pairs = u8s8_pairs(rec) if config.saturation_guard else None
+        pairs = u8s8_pair_order(rec) if config.saturation_guard else None
         plan.weights[rec.index] = solve_weights(LayerProblem(wm, x, xq, bias, spec, pairs))
         if progress:
             progress(k + 1, len(active))
     return plan
 
 
-def u8s8_pairs(rec: LayerRecord) -> np.ndarray | None:
-    """Input pairs that onnxruntime's x86 u8s8 GEMM adds in int16 (VPMADDUBSW), as (P, 2).
+def u8s8_pair_order(rec: LayerRecord) -> np.ndarray | None:
+    """K in onnxruntime's x86 u8s8 GEMM packing order, whose consecutive pairs it adds in int16.
 
     The GEMM packs K in onnxruntime's order: (kh, kw, c) for a conv (its QLinearConv runs
     channels-last), plain input order for Gemm/MatMul. Depthwise convs use a kernel that
@@ -108,9 +108,7 @@ def u8s8_pairs(rec: LayerRecord) -> np.ndarray | None:
     else:
         k = rec.weight_shape[1] if rec.op_type == "Gemm" else rec.weight_shape[0]
         order = np.arange(k)
-    if len(order) % 2:
-        order = order[:-1]
-    return order.reshape(-1, 2)
+    return order
 
 
 def _layer_inputs(rec: LayerRecord, x: np.ndarray, config: Config, rng: np.random.Generator

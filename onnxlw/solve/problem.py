@@ -14,7 +14,7 @@ class QuantSpec:
     bits: int = 8
     scale_method: str = "output-mse"  # or "minmax"
     bias_correction: str = "full"  # "none" | "weights" | "full"
-    grid: int = 40  # candidate clipping ratios per channel
+    grid: int = 24  # candidate clipping ratios per channel (coarse + fine)
     pair_limit: int = 128  # max |q_a + q_b| over a same-sign pair: 255 * 128 < 2**15
 
     @property
@@ -30,9 +30,9 @@ class LayerProblem:
     ``weight``: (G, O, K) grouped weight matrix (G groups, O outputs per group, K inputs per
     group: Cin/G * kh * kw for a conv). ``x``: (M, G, K) sampled FP32 inputs (im2col columns).
     ``xq``: the same inputs after activation quantization, or None. ``bias``: (G, O) or None.
-    ``pairs``: (P, 2) indices into K of the input pairs the integer kernel multiplies and adds
-    in 16 bits (x86 u8s8 without VNNI saturates there); None when the kernel accumulates in
-    32 bits.
+    ``pair_order``: (K,) permutation of K in the integer kernel's packing order; consecutive
+    entries (0,1), (2,3), ... are the input pairs it multiplies and adds in int16 (x86 u8s8
+    without VNNI saturates there). None when the kernel accumulates in int32.
     """
 
     weight: np.ndarray
@@ -40,7 +40,7 @@ class LayerProblem:
     xq: np.ndarray | None
     bias: np.ndarray | None
     spec: QuantSpec
-    pairs: np.ndarray | None = None
+    pair_order: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def choose_range(
     grid: int = 96,
 ) -> ActRange:
     """Range for ``values`` (any shape). Bounds come from an absorbed Relu/Clip (lo=0)."""
-    v = values.astype(np.float64).ravel()
+    v = values.astype(np.float32, copy=False).ravel()
     vmin, vmax = float(v.min()), float(v.max())
     lo_fix = lo_bound is not None and lo_bound >= 0.0
     if lo_fix:
@@ -55,23 +55,21 @@ def choose_range(
     if method != "mse":
         raise ValueError(f"unknown range method {method}")
     hist, edges = np.histogram(np.clip(v, vmin, vmax), bins=BINS, range=(vmin, vmax))
-    centers = 0.5 * (edges[:-1] + edges[1:])
-    hist = hist.astype(np.float64) / v.size
+    c = 0.5 * (edges[:-1] + edges[1:])
+    p = hist.astype(np.float64) / v.size
+    p0 = np.concatenate([[0.0], np.cumsum(p)])
+    p1 = np.concatenate([[0.0], np.cumsum(p * c)])
+    p2 = np.concatenate([[0.0], np.cumsum(p * c * c)])
     fr = np.linspace(0.05, 1.0, grid)
-    his = vmax * fr if vmax > 0 else np.array([0.0])
-    los = np.array([0.0]) if lo_fix or vmin >= 0 else vmin * fr
-    qmax = 2**bits - 1
-    best = (np.inf, vmin, vmax)
-    for lo in los:
-        step = (his - lo) / qmax  # (H,)
-        below = np.clip(lo - centers, 0, None)  # (B,)
-        above = np.clip(centers[None, :] - his[:, None], 0, None)  # (H, B)
-        inside = (centers[None, :] >= lo) & (centers[None, :] <= his[:, None])
-        err = (hist * below**2).sum() + (above**2 * hist).sum(axis=1) + (
-            inside * hist).sum(axis=1) * step**2 / 12
-        k = int(np.argmin(err))
-        if err[k] < best[0]:
-            best = (float(err[k]), float(lo), float(his[k]))
-    _, lo, hi = best
+    his = (vmax * fr if vmax > 0 else np.array([0.0]))[None, :]  # (1, H)
+    los = (np.array([0.0]) if lo_fix or vmin >= 0 else vmin * fr)[:, None]  # (L, 1)
+    i_lo = np.searchsorted(c, los)  # bins strictly below lo
+    i_hi = np.searchsorted(c, his, side="right")  # bins at or below hi
+    below = los**2 * p0[i_lo] - 2 * los * p1[i_lo] + p2[i_lo]
+    above = (p2[-1] - p2[i_hi]) - 2 * his * (p1[-1] - p1[i_hi]) + his**2 * (p0[-1] - p0[i_hi])
+    step = (his - los) / (2**bits - 1)
+    err = below + above + np.clip(p0[i_hi] - p0[i_lo], 0, None) * step**2 / 12
+    li, hj = np.unravel_index(int(np.argmin(err)), err.shape)
+    lo, hi = float(los[li, 0]), float(his[0, hj])
     s, z = affine_params(lo, hi, bits)
-    return ActRange(lo, hi, s, z, best[0], "mse")
+    return ActRange(lo, hi, s, z, float(err[li, hj]), "mse")

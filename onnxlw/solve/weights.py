@@ -21,46 +21,74 @@ def quantize(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(w / s), -qmax, qmax)
 
 
-def limit_pairs(
-    q: np.ndarray, r: np.ndarray, pairs: np.ndarray, limit: int, qmax: int
-) -> tuple[np.ndarray, int]:
+def limit_pairs(q: np.ndarray, r: np.ndarray, limit: int, qmax: int) -> tuple[np.ndarray, int]:
     """Keep every same-sign pair of integer weights within ``limit`` in magnitude sum.
 
-    ``q``: (G, O, K) integers; ``r``: (G, O, K) the unrounded values w / scale; ``pairs``:
-    (P, 2) indices into K, each index at most once. With uint8 inputs up to 255, a pair's
-    partial sum stays within int16 when its positive part and its negative part are each at
-    most 128 in magnitude. A pair over the limit (its two weights then share a sign) is set
-    to the closest integer pair whose magnitudes sum to exactly ``limit``: the excess is split
-    evenly over the two unrounded magnitudes. Returns the new ``q`` and the pairs changed.
+    ``q``, ``r``: (..., P, 2) integer levels and the unrounded values w / scale, the last axis
+    holding the two weights the integer kernel multiplies and adds in int16. With uint8 inputs
+    up to 255 a pair's partial sum stays within int16 when its positive part and its negative
+    part are each at most 128 in magnitude. A pair over the limit (its weights then share a
+    sign) is set to the closest integer pair whose magnitudes sum to exactly ``limit``: the
+    excess is split evenly over the two unrounded magnitudes. Returns the new ``q`` and the
+    number of pairs changed.
     """
-    ia, ib = pairs[:, 0], pairs[:, 1]
-    a, b = q[..., ia], q[..., ib]
-    over = np.abs(a + b) > limit  # over the limit implies a and b share a sign
+    a, b = q[..., 0], q[..., 1]
+    tot = a + b
+    over = np.abs(tot) > limit  # over the limit implies a and b share a sign
     if not over.any():
         return q, 0
-    sign = np.sign(a + b)
-    ma, mb = np.abs(r[..., ia]), np.abs(r[..., ib])
-    t = (ma + mb - limit) / 2
-    na = np.clip(np.rint(ma - t), limit - qmax, qmax)
-    q = q.copy()
-    q[..., ia] = np.where(over, sign * na, a)
-    q[..., ib] = np.where(over, sign * (limit - na), b)
-    return q, int(over.sum())
+    sign = np.sign(tot)
+    ma, mb = np.abs(r[..., 0]), np.abs(r[..., 1])
+    na = np.clip(np.rint(ma - (ma + mb - limit) / 2), limit - qmax, qmax)
+    out = q.copy()
+    out[..., 0] = np.where(over, sign * na, a)
+    out[..., 1] = np.where(over, sign * (limit - na), b)
+    return out, int(over.sum())
 
 
 def second_moment(x: np.ndarray, centered: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-group H = E[x x^T] (or covariance) and mean. ``x`` (M, G, K) -> (G, K, K), (G, K)."""
-    x64 = x.astype(np.float64)
-    mean = x64.mean(axis=0)
+    xt = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32)  # (G, M, K)
+    mean = xt.astype(np.float64).mean(axis=1)
     if centered:
-        x64 = x64 - mean
-    h = np.einsum("mgk,mgl->gkl", x64, x64, optimize=True) / max(len(x), 1)
+        xt = xt - mean[:, None, :].astype(np.float32)
+    h = np.matmul(xt.transpose(0, 2, 1), xt).astype(np.float64) / max(len(x), 1)
     return h, mean
 
 
 def output_error(d: np.ndarray, h: np.ndarray) -> np.ndarray:
     """d^T H d per channel. ``d`` (G, O, K), ``h`` (G, K, K) -> (G, O)."""
-    return np.einsum("gok,gok->go", np.einsum("gok,gkl->gol", d, h, optimize=True), d)
+    return (np.matmul(d, h) * d).sum(axis=-1)
+
+
+class _Levels:
+    """Rounding (with the optional u8s8 pair guard) for one layer, vectorized over channels."""
+
+    def __init__(self, w: np.ndarray, qmax: int, limit: int, order: np.ndarray | None) -> None:
+        self.qmax, self.limit = qmax, limit
+        self.order = order
+        self.npair = len(order) // 2 if order is not None else 0
+        self.w = w[..., order] if order is not None else w  # pairs adjacent in the last axis
+
+    def __call__(self, scale: np.ndarray) -> tuple[np.ndarray, int]:
+        q = quantize(self.w, scale, self.qmax)
+        if not self.npair:
+            return q, 0
+        n2 = 2 * self.npair
+        shape = q.shape[:-1] + (self.npair, 2)
+        r = self.w[..., :n2] / np.where(scale > 0, scale, 1.0)[..., None]
+        qp, fixes = limit_pairs(q[..., :n2].reshape(shape), r.reshape(shape), self.limit,
+                                self.qmax)
+        q[..., :n2] = qp.reshape(q[..., :n2].shape)
+        return q, fixes
+
+    def unpermute(self, q: np.ndarray) -> np.ndarray:
+        """Levels back in the weight's own K order."""
+        if self.order is None:
+            return q
+        out = np.empty_like(q)
+        out[..., self.order] = q
+        return out
 
 
 def solve_weights(p: LayerProblem) -> WeightSolution:
@@ -74,37 +102,36 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
     dead = int((diag <= 0).sum())
     load = DAMPING * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
     h = h + load[..., None] * np.eye(k)
-    wmax = np.abs(w).max(axis=2)
-    base = wmax / spec.qmax
-    guard = p.pairs is not None and len(p.pairs) > 0
-
-    def levels(scale: np.ndarray) -> tuple[np.ndarray, int]:
-        q = quantize(w, scale, spec.qmax)
-        if not guard:
-            return q, 0
-        r = w / np.where(scale > 0, scale, 1.0)[..., None]
-        return limit_pairs(q, r, p.pairs, spec.pair_limit, spec.qmax)
+    guard = p.pair_order is not None and k >= 2
+    order = p.pair_order if guard else None
+    levels = _Levels(w, spec.qmax, spec.pair_limit, order)
+    hp = (h[:, order][:, :, order] if order is not None else h).astype(np.float32)
+    wp = levels.w
+    base = np.abs(w).max(axis=2) / spec.qmax
 
     def error(scale: np.ndarray) -> np.ndarray:
-        return output_error(w - levels(scale)[0] * scale[..., None], h)
+        d = (wp - levels(scale)[0] * scale[..., None]).astype(np.float32)
+        return output_error(d, hp).astype(np.float64)
 
-    # The reference: max|w| scales (guarded: halved, so no pair can exceed the limit).
+    # Reference: max|w| scales; with the guard, doubled so that no pair can exceed the limit.
     ref_ratio = 2.0 if guard else 1.0
     ref_err = error(base * ref_ratio)
-    signal = output_error(w, h)
+    signal = output_error(wp.astype(np.float32), hp).astype(np.float64)
     best_err, best_ratio = ref_err.copy(), np.full((g, o), ref_ratio)
     if spec.scale_method == "output-mse":
-        ratios = np.geomspace(0.5, 2.0, 2 * spec.grid) if guard else np.linspace(
-            1.0, 0.5, spec.grid)
-        for r in ratios:
-            err = error(base * r)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_ratio = np.where(better, r, best_ratio)
+        lo, hi = (0.5, 2.0) if guard else (0.5, 1.0)
+        coarse = np.geomspace(lo, hi, spec.grid // 2)
+        for r in coarse:
+            best_err, best_ratio = _keep_better(error(base * r), r, best_err, best_ratio)
+        step = (hi / lo) ** (1 / (len(coarse) - 1))
+        for f in np.geomspace(1 / step, step, spec.grid // 2):
+            r = np.clip(best_ratio * f, lo, hi)
+            best_err, best_ratio = _keep_better(error(base * r), r, best_err, best_ratio)
     elif spec.scale_method != "minmax":
         raise ValueError(f"unknown scale method {spec.scale_method}")
     scale = base * best_ratio
-    q, fixes = levels(scale)
+    qp, fixes = levels(scale)
+    q = levels.unpermute(qp)
     wq = q * scale[..., None]
     bias = np.zeros((g, o)) if p.bias is None else p.bias.astype(np.float64)
     shift = np.zeros((g, o))
@@ -129,6 +156,12 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
         method=spec.scale_method,
         saturation_fixes=fixes,
     )
+
+
+def _keep_better(err: np.ndarray, ratio: np.ndarray | float, best_err: np.ndarray,
+                 best_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    better = err < best_err
+    return np.where(better, err, best_err), np.where(better, ratio, best_ratio)
 
 
 def _db(signal: float, noise: float) -> float:

@@ -84,17 +84,19 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
                 z = rng.standard_normal(shp[t]).astype(np.float32)
                 cut_values[t] = (s.out_mean.reshape(bshape) + s.out_std.reshape(bshape) * z
                                  ).astype(np.float32)
-    synth_model, out_map = build_synthesis_model(
+    synth_model, out_map, cut_map = build_synthesis_model(
         model, stats if mode is Synthesis.MATCHED else {}, set(cut_values), wanted)
-    feeds_all = {**feeds, **{out_map[t]: v for t, v in cut_values.items() if out_map.get(t)
-                             in {i.name for i in synth_model.graph.input}}}
-    names = [out_map[t] for t in wanted if out_map[t] not in feeds_all]
+    graph_inputs = {i.name for i in synth_model.graph.input}
+    feeds_all = {**feeds, **{cut_map[t]: v for t, v in cut_values.items()
+                             if cut_map[t] in graph_inputs}}
+    names = [out_map[t] for t in wanted if t not in cut_values and t not in feeds]
     values: dict[str, np.ndarray] = {}
     if names:
         sess = session(synth_model)
         res = sess.run(names, feeds_all)
         values.update(zip(names, res))
-    out = {t: values[out_map[t]] if out_map[t] in values else feeds_all[out_map[t]] for t in wanted}
+    out = {t: values[out_map[t]] if out_map[t] in values else
+           (cut_values[t] if t in cut_values else feeds[t]) for t in wanted}
     fallback = None if stats else "propagated-input-distribution"
     return Samples(out, feeds, mode.value, fallback)
 
@@ -141,13 +143,14 @@ def build_synthesis_model(
     match: dict[str, object],
     cut: set[str],
     wanted: list[str],
-) -> tuple[onnx.ModelProto, dict[str, str]]:
+) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str]]:
     """Derive the synthesis model.
 
     ``match``: BN-output tensors to re-standardize (name -> BNStats). ``cut``: BN-output tensors
     to replace by new graph inputs. Returns the model and a map from each wanted tensor to the
-    name that carries its synthetic value (a graph output, or a graph input for cut tensors).
-    Nodes not needed for the wanted tensors are pruned.
+    name that carries its synthetic value (a graph output, or a graph input for cut tensors),
+    and a map from each cut tensor to its new graph input. Nodes not needed for the wanted
+    tensors are pruned, and so are the cut inputs they do not read.
     """
     view = GraphView(model)
     alloc = NameAllocator(model)
@@ -183,10 +186,12 @@ def build_synthesis_model(
     outputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None)
                for v in dict.fromkeys(out_map.values())
                if v not in {i.name for i in new_inputs} and v not in view.graph_inputs]
+    used = {i for n in nodes for i in n.input}
+    new_inputs = [i for i in new_inputs if i.name in used]
     g = helper.make_graph(nodes, "synthesis", list(model.graph.input) + new_inputs, outputs,
                           list(model.graph.initializer) + inits)
     sm = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return sm, out_map
+    return sm, out_map, {t: rename[t] for t in cut}
 
 
 def _prune(nodes: list[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProto]:
