@@ -121,8 +121,9 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
         act = view.single_consumer(t)
         bounds = _absorbable(act, view) if act is not None else None
         if act is not None and bounds is not None and want(act.output[0]):
-            q[act.output[0]] = QTensor(act.output[0], bounds[0], bounds[1], pre=t,
-                                       absorbed_node=act.name)
+            q[act.output[0]] = QTensor(
+                act.output[0], bounds[0], bounds[1], pre=t, absorbed_node=act.name
+            )
         else:
             q[t] = QTensor(t)
 
@@ -133,7 +134,8 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
                 continue
             if rec.skip is None and rec.input in tainted:
                 rec.skip = "its input passes through an op synthesis cannot run: " + ", ".join(
-                    unsupported)
+                    unsupported
+                )
             if rec.skip is None and rec.input in view.graph_outputs:
                 rec.skip = "its input is a graph output"
             rec.is_classifier = rec.op_type != "Conv" and _feeds_output(rec.output, view)
@@ -205,8 +207,14 @@ def _feeds_output(t: str, view: GraphView) -> bool:
         if t in view.graph_outputs:
             return True
         nxt = view.single_consumer(t)
-        if nxt is None or nxt.op_type not in {"Reshape", "Flatten", "Softmax", "Squeeze",
-                                               "Identity", "LogSoftmax"}:
+        if nxt is None or nxt.op_type not in {
+            "Reshape",
+            "Flatten",
+            "Softmax",
+            "Squeeze",
+            "Identity",
+            "LogSoftmax",
+        }:
             return False
         t = nxt.output[0]
         seen += 1
@@ -231,8 +239,11 @@ def _sources(t: str, view: GraphView, bn: set[str]) -> tuple[str, ...]:
         p = view.producer.get(cur)
         if p is None:
             continue
-        data_inputs = p.input[:1] if p.op_type in ("Conv", "Gemm", "MatMul", "Reshape",
-                                                   "Pad", "Clip", "Expand") else p.input
+        data_inputs = (
+            p.input[:1]
+            if p.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Pad", "Clip", "Expand")
+            else p.input
+        )
         stack.extend(i for i in data_inputs if i and not view.is_const(i))
     return tuple(sorted(set(found)))
 
@@ -265,8 +276,12 @@ def _layer_record(
                 tuple(int(x) for x in a.get("dilations", [1, 1])),  # type: ignore[arg-type]
             )
     elif n.op_type == "Gemm":
-        if a.get("transA", 0) or not a.get("transB", 0) or a.get("alpha", 1.0) != 1.0 or a.get(
-            "beta", 1.0) != 1.0:
+        if (
+            a.get("transA", 0)
+            or not a.get("transB", 0)
+            or a.get("alpha", 1.0) != 1.0
+            or a.get("beta", 1.0) != 1.0
+        ):
             skip = skip or "Gemm is not in normal form (alpha=beta=1, transB=1)"
         if bias is not None and (view.const_or_none(bias) is None or view.const(bias).ndim != 1):
             skip = skip or "Gemm bias is not a constant vector"
@@ -276,5 +291,17 @@ def _layer_record(
         out_axis = 1
     if bias is not None and not view.is_const(bias):
         skip = skip or "bias is not constant"
-    return LayerRecord(index, n.name, n.op_type, n.input[0], n.output[0], n.input[1], bias,
-                       tuple(w.shape), geom, (), out_axis, skip=skip)
+    return LayerRecord(
+        index,
+        n.name,
+        n.op_type,
+        n.input[0],
+        n.output[0],
+        n.input[1],
+        bias,
+        tuple(w.shape),
+        geom,
+        (),
+        out_axis,
+        skip=skip,
+    )

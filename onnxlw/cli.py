@@ -32,22 +32,43 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-bits", type=int, default=8)
     c.add_argument("--act-bits", type=int, default=8)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--samples", type=int, default=Config.samples,
-                   help="synthetic images per synthesis run (default %(default)s)")
-    c.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                   help="pin dynamic input dims for synthesis (repeatable)")
-    c.add_argument("--input-dist", choices=[e.value for e in InputDistribution],
-                   default=Config.input_distribution.value)
-    c.add_argument("--synthesis", choices=[e.value for e in Synthesis],
-                   default=Config.synthesis.value)
-    c.add_argument("--weight-scale", choices=[e.value for e in WeightScale],
-                   default=Config.weight_scale.value)
-    c.add_argument("--act-range", choices=[e.value for e in ActRange],
-                   default=Config.act_range.value)
-    c.add_argument("--bias-correction", choices=[e.value for e in BiasCorrection],
-                   default=Config.bias_correction.value)
-    c.add_argument("--float-classifier", action="store_true",
-                   help="leave Gemm/MatMul layers that produce a graph output in float")
+    c.add_argument(
+        "--samples",
+        type=int,
+        default=Config.samples,
+        help="synthetic images per synthesis run (default %(default)s)",
+    )
+    c.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D1,D2,...",
+        help="pin dynamic input dims for synthesis (repeatable)",
+    )
+    c.add_argument(
+        "--input-dist",
+        choices=[e.value for e in InputDistribution],
+        default=Config.input_distribution.value,
+    )
+    c.add_argument(
+        "--synthesis", choices=[e.value for e in Synthesis], default=Config.synthesis.value
+    )
+    c.add_argument(
+        "--weight-scale", choices=[e.value for e in WeightScale], default=Config.weight_scale.value
+    )
+    c.add_argument(
+        "--act-range", choices=[e.value for e in ActRange], default=Config.act_range.value
+    )
+    c.add_argument(
+        "--bias-correction",
+        choices=[e.value for e in BiasCorrection],
+        default=Config.bias_correction.value,
+    )
+    c.add_argument(
+        "--float-classifier",
+        action="store_true",
+        help="leave Gemm/MatMul layers that produce a graph output in float",
+    )
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="allow -o to overwrite the input")
     c.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
@@ -116,8 +137,9 @@ def _compress(a: argparse.Namespace) -> int:
             os.replace(tmp, rp)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise OnnxlwError(f"could not write report {rp}: {e.strerror}",
-                              "pick a writable --report path") from None
+            raise OnnxlwError(
+                f"could not write report {rp}: {e.strerror}", "pick a writable --report path"
+            ) from None
     print(f"wrote {dst}")
     print(report.summary())
     return 0
@@ -148,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line unless -v
         if getattr(a, "verbose", False):
             raise
-        print(f"onnxlw: internal error: {type(e).__name__}: {e}; rerun with -v and report it",
-              file=sys.stderr)
+        print(
+            f"onnxlw: internal error: {type(e).__name__}: {e}; rerun with -v and report it",
+            file=sys.stderr,
+        )
         return 1

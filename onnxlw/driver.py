@@ -67,14 +67,22 @@ def solve_plan(
         v = samples.values[name].ravel()
         if v.size > RANGE_SAMPLE_LIMIT:
             v = v[rng.integers(0, v.size, RANGE_SAMPLE_LIMIT)]
-        plan.act[name] = choose_range(v, bits=config.act_bits, method=config.act_range.value,
-                                      lo_bound=qt.lo_bound, hi_bound=qt.hi_bound)
+        plan.act[name] = choose_range(
+            v,
+            bits=config.act_bits,
+            method=config.act_range.value,
+            lo_bound=qt.lo_bound,
+            hi_bound=qt.hi_bound,
+        )
     for name, qt in analysis.qtensors.items():
         if qt.same_as is not None:
             plan.act[name] = plan.act[qt.same_as]
     view = GraphView(canon.model)
-    spec = QuantSpec(bits=config.weight_bits, scale_method=config.weight_scale.value,
-                     bias_correction=config.bias_correction.value)
+    spec = QuantSpec(
+        bits=config.weight_bits,
+        scale_method=config.weight_scale.value,
+        bias_correction=config.bias_correction.value,
+    )
     active = analysis.active_layers
     for k, rec in enumerate(active):
         w = view.const(rec.weight).astype(np.float32)
@@ -111,12 +119,20 @@ def u8s8_pair_order(rec: LayerRecord) -> np.ndarray | None:
     return order
 
 
-def _layer_inputs(rec: LayerRecord, x: np.ndarray, config: Config, rng: np.random.Generator
-                  ) -> np.ndarray:
+def _layer_inputs(
+    rec: LayerRecord, x: np.ndarray, config: Config, rng: np.random.Generator
+) -> np.ndarray:
     if rec.op_type == "Conv":
         assert rec.geom is not None
         gm = rec.geom
-        return conv_patches(x, group=gm.group, kernel=gm.kernel, strides=gm.strides,
-                            pads=gm.pads, dilations=gm.dilations,
-                            positions=config.max_positions, rng=rng)
+        return conv_patches(
+            x,
+            group=gm.group,
+            kernel=gm.kernel,
+            strides=gm.strides,
+            pads=gm.pads,
+            dilations=gm.dilations,
+            positions=config.max_positions,
+            rng=rng,
+        )
     return dense_rows(x, config.max_positions, rng)

@@ -136,9 +136,7 @@ def rebuild(
     inits = [t for t in initializers if t.name in used]
     init_names = {t.name for t in inits}
     old_init_names = {t.name for t in model.graph.initializer}
-    inputs = [
-        i for i in model.graph.input if i.name not in old_init_names or i.name in init_names
-    ]
+    inputs = [i for i in model.graph.input if i.name not in old_init_names or i.name in init_names]
     g = helper.make_graph(
         nodes,
         model.graph.name,

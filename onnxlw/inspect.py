@@ -18,26 +18,35 @@ def inspect_model(path: str | os.PathLike, config: Config) -> str:
     canon = canonicalize(loaded.model)
     analysis = analyze(canon)
     ops = collections.Counter(n.op_type for n in loaded.model.graph.node)
-    lines = [f"model      : {loaded.source} (opset {loaded.opset}, sha256 {loaded.sha256[:12]})",
-             "ops        : " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))]
+    lines = [
+        f"model      : {loaded.source} (opset {loaded.opset}, sha256 {loaded.sha256[:12]})",
+        "ops        : " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())),
+    ]
     if canon.bn_found:
         folded = sum(1 for s in canon.bn_stats.values() if s.folded_into)
-        lines.append(f"BN stats   : found, {len(canon.bn_stats)} BatchNormalization "
-                     f"({folded} foldable)")
+        lines.append(
+            f"BN stats   : found, {len(canon.bn_stats)} BatchNormalization ({folded} foldable)"
+        )
     else:
-        lines.append("BN stats   : MISSING (BN was folded at export); compress will fall back to "
-                     f"propagating the input distribution. To keep BN: {BN_EXPORT_HINT}")
+        lines.append(
+            "BN stats   : MISSING (BN was folded at export); compress will fall back to "
+            f"propagating the input distribution. To keep BN: {BN_EXPORT_HINT}"
+        )
     lines.append("unsupported: " + (", ".join(analysis.unsupported_ops) or "none"))
     total = sum(r.params for r in analysis.layers)
-    lines.append(f"layers     : {len(analysis.layers)} ({len(analysis.active_layers)} "
-                 f"compressible), {total} params")
+    lines.append(
+        f"layers     : {len(analysis.layers)} ({len(analysis.active_layers)} "
+        f"compressible), {total} params"
+    )
     for r in analysis.layers:
         geo = ""
         if r.geom is not None:
             geo = f" k{r.geom.kernel[0]}x{r.geom.kernel[1]} s{r.geom.strides[0]} g{r.geom.group}"
         state = f"SKIP: {r.skip}" if r.skip else ", ".join(r.sources)
-        lines.append(f"  [{r.index:3d}] {r.op_type:6s} {list(r.weight_shape)!s:20s}{geo:14s} "
-                     f"{r.node}  <- {state}")
+        lines.append(
+            f"  [{r.index:3d}] {r.op_type:6s} {list(r.weight_shape)!s:20s}{geo:14s} "
+            f"{r.node}  <- {state}"
+        )
     not_fired = [n for n in canon.notes if not n.fired]
     if not_fired:
         lines.append("rules not applied:")

@@ -138,8 +138,11 @@ def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def _check_weights_finite(model: onnx.ModelProto) -> None:
     for t in _tensors(model):
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                               onnx.TensorProto.DOUBLE):
+        if t.data_type not in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.DOUBLE,
+        ):
             continue
         a = numpy_helper.to_array(t)
         if a.size and not np.isfinite(a).all():
@@ -182,7 +185,7 @@ def _check_input_dims(model: onnx.ModelProto, config: Config) -> None:
         if vi.name in pins:
             pin = pins[vi.name]
             if len(pin) != len(dims) or any(
-                d.HasField("dim_value") and d.dim_value != p for d, p in zip(dims, pin)
+                d.HasField("dim_value") and d.dim_value != p for d, p in zip(dims, pin, strict=True)
             ):
                 raise OnnxlwError(
                     f"--input-shape {vi.name}:{','.join(map(str, pin))} does not match the "
@@ -201,8 +204,14 @@ def _check_input_dims(model: onnx.ModelProto, config: Config) -> None:
 
 
 def _dims_text(dims) -> str:  # noqa: ANN001 - protobuf repeated field
-    return "[" + ",".join(d.dim_param or str(d.dim_value) if d.dim_param or d.HasField(
-        "dim_value") else "?" for d in dims) + "]"
+    return (
+        "["
+        + ",".join(
+            d.dim_param or str(d.dim_value) if d.dim_param or d.HasField("dim_value") else "?"
+            for d in dims
+        )
+        + "]"
+    )
 
 
 def save_atomic(
@@ -238,6 +247,8 @@ def save_atomic(
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, out)
     except OSError as e:
-        raise OnnxlwError(f"could not write {out}: {e.strerror}", "check space and permissions")
+        raise OnnxlwError(
+            f"could not write {out}: {e.strerror}", "check space and permissions"
+        ) from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

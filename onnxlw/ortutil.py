@@ -63,7 +63,9 @@ def fused_conv_counts(model: ModelLike) -> tuple[int, int]:
     return fused, fp
 
 
-def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 0) -> list[np.ndarray]:
+def run(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 0
+) -> list[np.ndarray]:
     """Run a session, optionally in chunks of ``batch`` along axis 0 of every feed."""
     if not batch:
         return sess.run(None, feeds)

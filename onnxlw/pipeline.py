@@ -49,8 +49,9 @@ def compress(
 
     loaded: LoadedModel = stage("load", load, model, config)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
-    analysis: Analysis = stage("analyze", analyze, canon,
-                               quantize_classifier=config.quantize_classifier)
+    analysis: Analysis = stage(
+        "analyze", analyze, canon, quantize_classifier=config.quantize_classifier
+    )
     if not analysis.active_layers:
         why = "; ".join(f"{n}: {r}" for n, r in analysis.skips) or "none in the graph"
         raise OnnxlwError(
@@ -71,31 +72,53 @@ def compress(
     return out, report
 
 
-def _set_metadata(out: onnx.ModelProto, loaded: LoadedModel, canon: Canonical, config: Config,
-                  fallback: str | None) -> None:
+def _set_metadata(
+    out: onnx.ModelProto,
+    loaded: LoadedModel,
+    canon: Canonical,
+    config: Config,
+    fallback: str | None,
+) -> None:
     meta = {p.key: p.value for p in out.metadata_props}
-    meta.update({
-        "onnxlw.version": __version__,
-        "onnxlw.options": json.dumps(config.to_dict(), sort_keys=True),
-        "onnxlw.seed": str(config.seed),
-        "onnxlw.input_sha256": loaded.sha256,
-        "onnxlw.bn_statistics": "found" if canon.bn_found else f"missing; fallback={fallback}",
-    })
+    meta.update(
+        {
+            "onnxlw.version": __version__,
+            "onnxlw.options": json.dumps(config.to_dict(), sort_keys=True),
+            "onnxlw.seed": str(config.seed),
+            "onnxlw.input_sha256": loaded.sha256,
+            "onnxlw.bn_statistics": "found" if canon.bn_found else f"missing; fallback={fallback}",
+        }
+    )
     del out.metadata_props[:]
     for k in sorted(meta):
         out.metadata_props.add(key=k, value=meta[k])
 
 
-def _report(loaded: LoadedModel, canon: Canonical, analysis: Analysis, plan: QuantPlan,
-            config: Config, fallback: str | None) -> Report:
+def _report(
+    loaded: LoadedModel,
+    canon: Canonical,
+    analysis: Analysis,
+    plan: QuantPlan,
+    config: Config,
+    fallback: str | None,
+) -> Report:
     warnings = list(loaded.notes)
     if not canon.bn_found:
-        warnings.append("no BatchNormalization statistics in the model (was BN folded at "
-                        f"export?); fallback {fallback}; {BN_EXPORT_HINT}")
+        warnings.append(
+            "no BatchNormalization statistics in the model (was BN folded at "
+            f"export?); fallback {fallback}; {BN_EXPORT_HINT}"
+        )
     layers = []
     for rec in analysis.layers:
-        lr = LayerReport(rec.index, rec.node, rec.op_type, list(rec.weight_shape), rec.params,
-                         list(rec.sources), rec.skip)
+        lr = LayerReport(
+            rec.index,
+            rec.node,
+            rec.op_type,
+            list(rec.weight_shape),
+            rec.params,
+            list(rec.sources),
+            rec.skip,
+        )
         sol = plan.weights.get(rec.index)
         if sol is not None:
             lr.sqnr_db = round(sol.sqnr_db, 2)

@@ -77,26 +77,42 @@ class Report:
         v = self.validation
         lines = []
         if not self.bn_found:
-            lines.append(f"WARNING: no BatchNormalization statistics found; fallback: "
-                         f"{self.fallback}. To keep BN: {BN_EXPORT_HINT}.")
+            lines.append(
+                f"WARNING: no BatchNormalization statistics found; fallback: "
+                f"{self.fallback}. To keep BN: {BN_EXPORT_HINT}."
+            )
         lines += [f"warning: {w}" for w in self.warnings if "BatchNormalization" not in w]
         n_layers = len(self.layers)
-        lines.append(f"layers quantized : {self.layers_quantized}/{n_layers}"
-                     + (f" ({n_layers - self.layers_quantized} skipped, see report)"
-                        if self.layers_quantized < n_layers else ""))
+        lines.append(
+            f"layers quantized : {self.layers_quantized}/{n_layers}"
+            + (
+                f" ({n_layers - self.layers_quantized} skipped, see report)"
+                if self.layers_quantized < n_layers
+                else ""
+            )
+        )
         bn = f"found ({self.bn_count})" if self.bn_found else f"MISSING -> {self.fallback}"
         lines.append(f"BN statistics    : {bn}")
         ratio = self.size_before / self.size_after if self.size_after else float("nan")
-        lines.append(f"size             : {_mb(self.size_before)} -> {_mb(self.size_after)} "
-                     f"({ratio:.2f}x smaller)")
+        lines.append(
+            f"size             : {_mb(self.size_before)} -> {_mb(self.size_after)} "
+            f"({ratio:.2f}x smaller)"
+        )
         if v is not None:
-            lines.append(f"fused convs      : {v.qlinear_conv} QLinearConv, {v.float_conv} float "
-                         "Conv left (onnxruntime ORT_ENABLE_ALL)")
+            lines.append(
+                f"fused convs      : {v.qlinear_conv} QLinearConv, {v.float_conv} float "
+                "Conv left (onnxruntime ORT_ENABLE_ALL)"
+            )
             agree = "n/a" if v.top1_agreement is None else f"{100 * v.top1_agreement:.1f}%"
-            lines.append(f"vs FP32          : SQNR {v.sqnr_db:.1f} dB, top-1 agreement {agree} "
-                         f"on {v.samples} synthetic inputs")
-        lines.append(f"wall time        : {self.wall_time:.1f} s ("
-                     + ", ".join(f"{k} {t:.1f}" for k, t in self.stages.items()) + ")")
+            lines.append(
+                f"vs FP32          : SQNR {v.sqnr_db:.1f} dB, top-1 agreement {agree} "
+                f"on {v.samples} synthetic inputs"
+            )
+        lines.append(
+            f"wall time        : {self.wall_time:.1f} s ("
+            + ", ".join(f"{k} {t:.1f}" for k, t in self.stages.items())
+            + ")"
+        )
         return "\n".join(lines)
 
 

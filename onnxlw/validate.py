@@ -33,8 +33,7 @@ class Validation:
         return asdict(self)
 
 
-def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Config
-             ) -> Validation:
+def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Config) -> Validation:
     """Load ``quantized`` in ORT (failing loudly), count fused ops, compare with ``reference``.
 
     Inputs are seeded synthetic draws of the declared input distribution.
@@ -58,7 +57,7 @@ def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Con
     ref = rs.run(None, feeds)
     got = qs.run(None, feeds)
     sig = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
-    err = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got))
+    err = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got, strict=True))
     sqnr = float(10 * np.log10(sig / err)) if err > 0 else float("inf")
     agree = None
     if ref[0].ndim == 2 and ref[0].shape[1] > 1:

@@ -71,8 +71,7 @@ SIZE = 16
 NUM_CLASSES = 10
 SPLIT_DESC = "sklearn train_test_split(test_size=0.2, stratify=y, random_state=0)"
 PREPROCESS_NOTE = (
-    "sklearn load_digits: x/16, bilinear upsample 8->16 (align_corners=False), "
-    "(x-mean)/std"
+    "sklearn load_digits: x/16, bilinear upsample 8->16 (align_corners=False), (x-mean)/std"
 )
 ORT_ATOL = 1e-4
 
@@ -82,9 +81,7 @@ ORT_ATOL = 1e-4
 
 def upsample(x8: np.ndarray) -> np.ndarray:
     """Scale raw digits rows ([N,64], 0..16) to [0,1], upsample to [N,1,16,16]."""
-    t = torch.from_numpy(
-        (x8.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
-    )
+    t = torch.from_numpy((x8.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8))
     up = nnf.interpolate(t, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     return up.numpy().astype(np.float32)
 
@@ -136,9 +133,7 @@ def conv_bn(
 ) -> list[nn.Module]:
     """Conv2d ('same' padding for stride 1) followed by BatchNorm2d."""
     return [
-        nn.Conv2d(
-            cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias
-        ),
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias),
         nn.BatchNorm2d(cout),
     ]
 
@@ -240,9 +235,7 @@ def train(
 def export_onnx(model: nn.Module, path: Path, keep_bn: bool) -> None:
     """Export with the legacy TorchScript exporter; ``keep_bn`` keeps BN nodes."""
     dummy = torch.zeros(1, 1, SIZE, SIZE)
-    training = (
-        torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
-    )
+    training = torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
@@ -281,21 +274,16 @@ def check_onnx(
     bn_nodes = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
     if expect_bn is None:
         if not bn_nodes:
-            raise SystemExit(
-                f"{path.name}: expected BatchNormalization nodes, found none"
-            )
+            raise SystemExit(f"{path.name}: expected BatchNormalization nodes, found none")
         for n in bn_nodes:
             modes = [
-                onnx.helper.get_attribute_value(a)
-                for a in n.attribute
-                if a.name == "training_mode"
+                onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "training_mode"
             ]
             if modes and modes[0] != 0:
                 raise SystemExit(f"{path.name}: {n.name} has training_mode={modes[0]}")
     elif len(bn_nodes) != expect_bn:
         raise SystemExit(
-            f"{path.name}: expected {expect_bn} BatchNormalization nodes, "
-            f"found {len(bn_nodes)}"
+            f"{path.name}: expected {expect_bn} BatchNormalization nodes, found {len(bn_nodes)}"
         )
     report: dict[str, Any] = {"ops": counts, "bytes": path.stat().st_size}
     if skip_ort:
@@ -310,9 +298,7 @@ def check_onnx(
     diff = float(np.abs(got - ref_logits).max())
     acc = accuracy(got, y_te)
     if diff > ORT_ATOL:
-        raise SystemExit(
-            f"{path.name}: onnxruntime vs torch max abs diff {diff:.3g} > {ORT_ATOL}"
-        )
+        raise SystemExit(f"{path.name}: onnxruntime vs torch max abs diff {diff:.3g} > {ORT_ATOL}")
     if not np.array_equal(got.argmax(axis=1), ref_logits.argmax(axis=1)):
         raise SystemExit(f"{path.name}: onnxruntime top-1 differs from torch")
     report.update({"ort_max_abs_diff": diff, "ort_test_accuracy": acc})
@@ -324,9 +310,7 @@ def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, arr in arrays.items():
             buf = io.BytesIO()
-            np.lib.format.write_array(
-                buf, np.ascontiguousarray(arr), allow_pickle=False
-            )
+            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
@@ -346,18 +330,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--no-augment", action="store_true", help="disable the +-1 pixel random shift"
-    )
+    p.add_argument("--no-augment", action="store_true", help="disable the +-1 pixel random shift")
     p.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch intra-op threads (keep fixed for determinism)",
     )
-    p.add_argument(
-        "--skip-ort", action="store_true", help="skip the onnxruntime comparison"
-    )
+    p.add_argument("--skip-ort", action="store_true", help="skip the onnxruntime comparison")
     return p.parse_args(argv)
 
 
@@ -389,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path.name}: {json.dumps(rep)}")
         if "ort_test_accuracy" in rep and rep["ort_test_accuracy"] != test_acc:
             raise SystemExit(
-                f"{path.name}: onnxruntime accuracy {rep['ort_test_accuracy']} "
-                f"!= torch {test_acc}"
+                f"{path.name}: onnxruntime accuracy {rep['ort_test_accuracy']} != torch {test_acc}"
             )
 
     sidecar = {

@@ -31,15 +31,25 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
     for name, qt in analysis.qtensors.items():
         r = plan.act[name]
         s_name, z_name = alloc.fresh(f"{name}_scale"), alloc.fresh(f"{name}_zero_point")
-        inits += [numpy_helper.from_array(np.array(r.scale, np.float32), s_name),
-                  numpy_helper.from_array(np.array(r.zero_point, np.uint8), z_name)]
+        inits += [
+            numpy_helper.from_array(np.array(r.scale, np.float32), s_name),
+            numpy_helper.from_array(np.array(r.zero_point, np.uint8), z_name),
+        ]
         src = qt.pre if qt.pre is not None else name
         q_out, dq_out = alloc.fresh(f"{name}_quantized"), alloc.fresh(f"{name}_dequantized")
         nodes = [
-            helper.make_node("QuantizeLinear", [src, s_name, z_name], [q_out],
-                             name=alloc.fresh(f"{name}_QuantizeLinear")),
-            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
-                             name=alloc.fresh(f"{name}_DequantizeLinear")),
+            helper.make_node(
+                "QuantizeLinear",
+                [src, s_name, z_name],
+                [q_out],
+                name=alloc.fresh(f"{name}_QuantizeLinear"),
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [q_out, s_name, z_name],
+                [dq_out],
+                name=alloc.fresh(f"{name}_DequantizeLinear"),
+            ),
         ]
         if src in view.graph_inputs:
             head += nodes
@@ -54,25 +64,50 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         w_scale = sol.scale.reshape(-1).astype(np.float32)
         q = matrix_to_weight(rec, sol.q).astype(np.int8)
         axis = rec.out_axis
-        wq, ws, wz = (alloc.fresh(f"{rec.weight}_quantized"), alloc.fresh(f"{rec.weight}_scale"),
-                      alloc.fresh(f"{rec.weight}_zero_point"))
+        wq, ws, wz = (
+            alloc.fresh(f"{rec.weight}_quantized"),
+            alloc.fresh(f"{rec.weight}_scale"),
+            alloc.fresh(f"{rec.weight}_zero_point"),
+        )
         wdq = alloc.fresh(f"{rec.weight}_dequantized")
-        inits += [numpy_helper.from_array(q, wq), numpy_helper.from_array(w_scale, ws),
-                  numpy_helper.from_array(np.zeros_like(w_scale, np.int8), wz)]
-        deq = [helper.make_node("DequantizeLinear", [wq, ws, wz], [wdq], axis=axis,
-                                name=alloc.fresh(f"{rec.weight}_DequantizeLinear"))]
+        inits += [
+            numpy_helper.from_array(q, wq),
+            numpy_helper.from_array(w_scale, ws),
+            numpy_helper.from_array(np.zeros_like(w_scale, np.int8), wz),
+        ]
+        deq = [
+            helper.make_node(
+                "DequantizeLinear",
+                [wq, ws, wz],
+                [wdq],
+                axis=axis,
+                name=alloc.fresh(f"{rec.weight}_DequantizeLinear"),
+            )
+        ]
         b_scale = (x_scale * w_scale).astype(np.float32)
         bias_f = sol.bias.reshape(-1).astype(np.float64)
         bq = np.clip(np.rint(bias_f / b_scale.astype(np.float64)), -(2**31), 2**31 - 1)
         base = rec.bias or f"{rec.node}_bias"
-        bqn, bsn, bzn = (alloc.fresh(f"{base}_quantized"), alloc.fresh(f"{base}_scale"),
-                         alloc.fresh(f"{base}_zero_point"))
+        bqn, bsn, bzn = (
+            alloc.fresh(f"{base}_quantized"),
+            alloc.fresh(f"{base}_scale"),
+            alloc.fresh(f"{base}_zero_point"),
+        )
         bdq = alloc.fresh(f"{base}_dequantized")
-        inits += [numpy_helper.from_array(bq.astype(np.int32), bqn),
-                  numpy_helper.from_array(b_scale, bsn),
-                  numpy_helper.from_array(np.zeros(len(b_scale), np.int32), bzn)]
-        deq.append(helper.make_node("DequantizeLinear", [bqn, bsn, bzn], [bdq], axis=0,
-                                    name=alloc.fresh(f"{base}_DequantizeLinear")))
+        inits += [
+            numpy_helper.from_array(bq.astype(np.int32), bqn),
+            numpy_helper.from_array(b_scale, bsn),
+            numpy_helper.from_array(np.zeros(len(b_scale), np.int32), bzn),
+        ]
+        deq.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [bqn, bsn, bzn],
+                [bdq],
+                axis=0,
+                name=alloc.fresh(f"{base}_DequantizeLinear"),
+            )
+        )
         head += deq
         layer_inputs[rec.node] = (wdq, bdq)
 
@@ -119,8 +154,9 @@ def _matmul_bias(
             orig = n.output[0]
             n.output[0] = tmp
             out.append(n)
-            out.append(helper.make_node("Add", [tmp, bdq], [orig],
-                                        name=alloc.fresh(f"{n.name}_bias_add")))
+            out.append(
+                helper.make_node("Add", [tmp, bdq], [orig], name=alloc.fresh(f"{n.name}_bias_add"))
+            )
         else:
             out.append(n)
     return out

@@ -41,8 +41,18 @@ def name_nodes(model: onnx.ModelProto) -> PassResult:
             n.name = alloc.fresh(f"{n.op_type}_{n.output[0] if n.output else 'node'}")
             renamed += 1
         seen.add(n.name)
-    return PassResult(m, [Note("name_nodes", "unique-name", "graph", renamed > 0,
-                               f"named {renamed} nodes" if renamed else "all nodes named")])
+    return PassResult(
+        m,
+        [
+            Note(
+                "name_nodes",
+                "unique-name",
+                "graph",
+                renamed > 0,
+                f"named {renamed} nodes" if renamed else "all nodes named",
+            )
+        ],
+    )
 
 
 def canonicalize(model: onnx.ModelProto) -> Canonical:

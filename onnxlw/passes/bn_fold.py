@@ -67,11 +67,20 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
         where = bn.name or bn.output[0]
         a = attrs(bn)
         params = [view.const_or_none(i) for i in bn.input[1:5]]
-        if a.get("training_mode", 0) or any(p is None for p in params) or len(
-            [o for o in bn.output if o]
-        ) > 1:
-            notes.append(Note("fold_batchnorm", "harvest", where, False,
-                              "training mode or non-constant statistics"))
+        if (
+            a.get("training_mode", 0)
+            or any(p is None for p in params)
+            or len([o for o in bn.output if o]) > 1
+        ):
+            notes.append(
+                Note(
+                    "fold_batchnorm",
+                    "harvest",
+                    where,
+                    False,
+                    "training mode or non-constant statistics",
+                )
+            )
             continue
         scale, b, mean, var = (np.asarray(p, np.float64) for p in params)
         eps = float(a.get("epsilon", 1e-5))
@@ -92,8 +101,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
         stats[bn.output[0]] = BNStats(bn.output[0], scale, b, mean, var, eps, folded_into)
     nodes = [replace.get(id(n), n) for n in view.nodes if id(n) not in drop]
     if not notes:
-        notes.append(Note("fold_batchnorm", "harvest", "graph", False,
-                          "no BatchNormalization node"))
+        notes.append(
+            Note("fold_batchnorm", "harvest", "graph", False, "no BatchNormalization node")
+        )
     res = FoldResult(rebuild(model, nodes, list(model.graph.initializer) + new_inits), notes)
     res.stats = stats
     return res
@@ -138,12 +148,12 @@ def _fold(
     elif prod.op_type == "ConvTranspose":
         g = int(a.get("group", 1))
         cin, cpg = w.shape[0], w.shape[1]
-        w2 = (w.reshape(g, cin // g, cpg, *w.shape[2:])
-              * k.reshape(g, 1, cpg, *([1] * (w.ndim - 2)))).reshape(w.shape)
+        w2 = (
+            w.reshape(g, cin // g, cpg, *w.shape[2:]) * k.reshape(g, 1, cpg, *([1] * (w.ndim - 2)))
+        ).reshape(w.shape)
         cout = g * cpg
     else:  # Gemm: y = alpha * A @ B' + beta * C
         alpha = float(a.get("alpha", 1.0))
-        beta = float(a.get("beta", 1.0))
         wt = w if a.get("transB", 0) else w.T  # (out, in)
         w2 = alpha * wt * k[:, None]
         cout = wt.shape[0]
@@ -161,8 +171,9 @@ def _fold(
         numpy_helper.from_array(b2.astype(np.float32), bname),
     ]
     if prod.op_type == "Gemm":
-        node = helper.make_node("Gemm", [prod.input[0], wname, bname], [bn.output[0]],
-                                name=prod.name, transB=1)
+        node = helper.make_node(
+            "Gemm", [prod.input[0], wname, bname], [bn.output[0]], name=prod.name, transB=1
+        )
     else:
         node = onnx.NodeProto()
         node.CopyFrom(prod)

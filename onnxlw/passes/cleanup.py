@@ -29,21 +29,37 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
             if len(n.input) > 2 and n.input[2]:
                 tm = view.const_or_none(n.input[2])
                 if tm is None or bool(tm):
-                    notes.append(Note("drop_noops", "Dropout", where, False,
-                                      "training_mode is not constant false"))
+                    notes.append(
+                        Note(
+                            "drop_noops",
+                            "Dropout",
+                            where,
+                            False,
+                            "training_mode is not constant false",
+                        )
+                    )
                     continue
             if len(n.output) > 1 and n.output[1] and view.consumers.get(n.output[1]):
                 notes.append(Note("drop_noops", "Dropout", where, False, "mask output is used"))
                 continue
         src, dst = n.input[0], n.output[0]
         if dst in view.graph_outputs:
-            if src in view.producer and src not in view.graph_outputs and all(
-                c is n for c in view.consumers[src]
+            if (
+                src in view.producer
+                and src not in view.graph_outputs
+                and all(c is n for c in view.consumers[src])
             ):
                 out_rename[src] = dst
             else:
-                notes.append(Note("drop_noops", n.op_type, where, False,
-                                  "its output is a graph output fed by an input or constant"))
+                notes.append(
+                    Note(
+                        "drop_noops",
+                        n.op_type,
+                        where,
+                        False,
+                        "its output is a graph output fed by an input or constant",
+                    )
+                )
                 continue
         else:
             rename[dst] = src
@@ -91,8 +107,15 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
         c = view.const_or_none(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         has_c = len(n.input) > 2 and bool(n.input[2])
         if b is None or a.get("transA", 0):
-            notes.append(Note("normalize_gemm", "Gemm", where, False,
-                              "B is not constant" if b is None else "transA=1"))
+            notes.append(
+                Note(
+                    "normalize_gemm",
+                    "Gemm",
+                    where,
+                    False,
+                    "B is not constant" if b is None else "transA=1",
+                )
+            )
             nodes.append(n)
             continue
         if has_c and c is None:
@@ -106,15 +129,25 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
         nout = w.shape[0]
         if c is not None:
             if c.size not in (1, nout) or (c.ndim == 2 and c.shape[0] != 1):
-                notes.append(Note("normalize_gemm", "Gemm", where, False,
-                                  f"C of shape {list(c.shape)} is not a per-output bias"))
+                notes.append(
+                    Note(
+                        "normalize_gemm",
+                        "Gemm",
+                        where,
+                        False,
+                        f"C of shape {list(c.shape)} is not a per-output bias",
+                    )
+                )
                 nodes.append(n)
                 continue
             bias = np.broadcast_to(beta * c.reshape(-1), (nout,)).astype(np.float32)
         else:
             bias = np.zeros(nout, np.float32)
         if (
-            a.get("transB", 0) == 1 and alpha == 1.0 and beta == 1.0 and c is not None
+            a.get("transB", 0) == 1
+            and alpha == 1.0
+            and beta == 1.0
+            and c is not None
             and c.ndim == 1
         ):
             notes.append(Note("normalize_gemm", "Gemm", where, False, "already normal"))
@@ -123,8 +156,11 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
         wname = alloc.fresh(n.input[1] + "_t" if not a.get("transB", 0) else n.input[1])
         bname = alloc.fresh((n.input[2] if has_c else n.output[0]) + "_bias")
         new_inits += [numpy_helper.from_array(w, wname), numpy_helper.from_array(bias, bname)]
-        nodes.append(helper.make_node("Gemm", [n.input[0], wname, bname], list(n.output),
-                                      name=n.name, transB=1))
+        nodes.append(
+            helper.make_node(
+                "Gemm", [n.input[0], wname, bname], list(n.output), name=n.name, transB=1
+            )
+        )
         notes.append(Note("normalize_gemm", "Gemm", where, True))
     if not notes:
         notes.append(Note("normalize_gemm", "Gemm", "graph", False, "no Gemm"))
@@ -147,7 +183,7 @@ def fuse_pad_into_conv(model: onnx.ModelProto) -> PassResult:
             continue
         pads = view.const(n.input[1]).astype(np.int64)
         r = len(pads) // 2
-        merged[n.output[0]] = (n.input[0], np.concatenate([pads[2:r], pads[r + 2:]]))
+        merged[n.output[0]] = (n.input[0], np.concatenate([pads[2:r], pads[r + 2 :]]))
         notes.append(Note("fuse_pad_into_conv", "Pad", where, True))
     for n in view.nodes:
         if n.op_type == "Pad" and n.output[0] in merged:
@@ -188,7 +224,7 @@ def _pad_unfusable(n: onnx.NodeProto, view: GraphView) -> str:
         return "Pad has an axes input"
     pads = view.const(n.input[1])
     r = len(pads) // 2
-    if r < 3 or np.any(pads[:2] != 0) or np.any(pads[r:r + 2] != 0) or np.any(pads < 0):
+    if r < 3 or np.any(pads[:2] != 0) or np.any(pads[r : r + 2] != 0) or np.any(pads < 0):
         return "pads touch the batch or channel dims, or are negative"
     cons = view.consumers.get(n.output[0], [])
     if not cons or n.output[0] in view.graph_outputs:

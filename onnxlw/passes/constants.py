@@ -14,8 +14,17 @@ from onnx.reference import ReferenceEvaluator
 from ..graph import GraphView, rebuild
 from .base import Note, PassResult
 
-_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-               "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
+_NEVER_FOLD = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "If",
+    "Loop",
+    "Scan",
+}
 _MAX_FOLD_ELEMENTS = 1 << 20
 
 
@@ -46,7 +55,7 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
             if sum(v.size for v in values.values()) <= _MAX_FOLD_ELEMENTS:
                 out = _evaluate(n, values, opset.get("", 13))
                 if out is not None:
-                    consts.update(zip(n.output, out))
+                    consts.update(zip(n.output, out, strict=True))
                     folded += 1
                     continue
         nodes.append(n)
@@ -54,15 +63,27 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
     for name, v in consts.items():
         if name in used and name not in init_names:
             inits.append(numpy_helper.from_array(np.asarray(v), name))
-    notes.append(Note("fold_constants", "constant", "graph", folded > 0,
-                      f"folded {folded} constant nodes" if folded else "no constant subgraph"))
+    notes.append(
+        Note(
+            "fold_constants",
+            "constant",
+            "graph",
+            folded > 0,
+            f"folded {folded} constant nodes" if folded else "no constant subgraph",
+        )
+    )
     return PassResult(rebuild(model, nodes, inits), notes)
 
 
-def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], opset: int
-              ) -> list[np.ndarray] | None:
-    inputs = [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(
-        v.dtype), v.shape) for k, v in values.items()]
+def _evaluate(
+    node: onnx.NodeProto, values: dict[str, np.ndarray], opset: int
+) -> list[np.ndarray] | None:
+    inputs = [
+        onnx.helper.make_tensor_value_info(
+            k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape
+        )
+        for k, v in values.items()
+    ]
     outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in node.output]
     g = onnx.helper.make_graph([node], "fold", inputs, outputs)
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])

@@ -77,8 +77,7 @@ class _Levels:
         n2 = 2 * self.npair
         shape = q.shape[:-1] + (self.npair, 2)
         r = self.w[..., :n2] / np.where(scale > 0, scale, 1.0)[..., None]
-        qp, fixes = limit_pairs(q[..., :n2].reshape(shape), r.reshape(shape), self.limit,
-                                self.qmax)
+        qp, fixes = limit_pairs(q[..., :n2].reshape(shape), r.reshape(shape), self.limit, self.qmax)
         q[..., :n2] = qp.reshape(q[..., :n2].shape)
         return q, fixes
 
@@ -158,8 +157,9 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
     )
 
 
-def _keep_better(err: np.ndarray, ratio: np.ndarray | float, best_err: np.ndarray,
-                 best_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _keep_better(
+    err: np.ndarray, ratio: np.ndarray | float, best_err: np.ndarray, best_ratio: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     better = err < best_err
     return np.where(better, err, best_err), np.where(better, ratio, best_ratio)
 

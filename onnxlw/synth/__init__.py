@@ -49,8 +49,9 @@ def input_shapes(model: onnx.ModelProto, config: Config, batch: int) -> dict[str
         if vi.name in pins:
             dims = list(pins[vi.name])
         else:
-            dims = [d.dim_value if d.HasField("dim_value") else 1
-                    for d in vi.type.tensor_type.shape.dim]
+            dims = [
+                d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim
+            ]
         dims[0] = batch
         out[vi.name] = tuple(dims)
     return out
@@ -82,21 +83,29 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
                 c = len(s.bias)
                 bshape = (1, c) + (1,) * (len(shp[t]) - 2)
                 z = rng.standard_normal(shp[t]).astype(np.float32)
-                cut_values[t] = (s.out_mean.reshape(bshape) + s.out_std.reshape(bshape) * z
-                                 ).astype(np.float32)
+                cut_values[t] = (s.out_mean.reshape(bshape) + s.out_std.reshape(bshape) * z).astype(
+                    np.float32
+                )
     synth_model, out_map, cut_map = build_synthesis_model(
-        model, stats if mode is Synthesis.MATCHED else {}, set(cut_values), wanted)
+        model, stats if mode is Synthesis.MATCHED else {}, set(cut_values), wanted
+    )
     graph_inputs = {i.name for i in synth_model.graph.input}
-    feeds_all = {**feeds, **{cut_map[t]: v for t, v in cut_values.items()
-                             if cut_map[t] in graph_inputs}}
+    feeds_all = {
+        **feeds,
+        **{cut_map[t]: v for t, v in cut_values.items() if cut_map[t] in graph_inputs},
+    }
     names = [out_map[t] for t in wanted if t not in cut_values and t not in feeds]
     values: dict[str, np.ndarray] = {}
     if names:
         sess = session(synth_model)
         res = sess.run(names, feeds_all)
-        values.update(zip(names, res))
-    out = {t: values[out_map[t]] if out_map[t] in values else
-           (cut_values[t] if t in cut_values else feeds[t]) for t in wanted}
+        values.update(zip(names, res, strict=True))
+    out = {
+        t: values[out_map[t]]
+        if out_map[t] in values
+        else (cut_values[t] if t in cut_values else feeds[t])
+        for t in wanted
+    }
     fallback = None if stats else "propagated-input-distribution"
     return Samples(out, feeds, mode.value, fallback)
 
@@ -118,14 +127,15 @@ def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
-def _static_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
-                   ) -> dict[str, tuple[int, ...]]:
+def _static_shapes(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for vi in m.graph.input:
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim
-            for d, v in zip(dims, shapes[vi.name]):
+            for d, v in zip(dims, shapes[vi.name], strict=True):
                 d.Clear()
                 d.dim_value = v
     del m.graph.value_info[:]
@@ -183,13 +193,20 @@ def build_synthesis_model(
     out_map = {t: rename.get(t, t) for t in wanted}
     targets = {v for v in out_map.values()}
     nodes = _prune(nodes, targets)
-    outputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None)
-               for v in dict.fromkeys(out_map.values())
-               if v not in {i.name for i in new_inputs} and v not in view.graph_inputs]
+    outputs = [
+        helper.make_tensor_value_info(v, TensorProto.FLOAT, None)
+        for v in dict.fromkeys(out_map.values())
+        if v not in {i.name for i in new_inputs} and v not in view.graph_inputs
+    ]
     used = {i for n in nodes for i in n.input}
     new_inputs = [i for i in new_inputs if i.name in used]
-    g = helper.make_graph(nodes, "synthesis", list(model.graph.input) + new_inputs, outputs,
-                          list(model.graph.initializer) + inits)
+    g = helper.make_graph(
+        nodes,
+        "synthesis",
+        list(model.graph.input) + new_inputs,
+        outputs,
+        list(model.graph.initializer) + inits,
+    )
     sm = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     return sm, out_map, {t: rename[t] for t in cut}
 
@@ -204,16 +221,21 @@ def _prune(nodes: list[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProt
     return keep[::-1]
 
 
-def _moment_match(t: str, s, alloc: NameAllocator, opset: int  # noqa: ANN001 - BNStats
-                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+def _moment_match(
+    t: str,
+    s,
+    alloc: NameAllocator,
+    opset: int,  # noqa: ANN001 - BNStats
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """Nodes computing B + |scale| * standardize(t) per channel (axis 1) over the batch."""
     c = len(s.bias)
     n = lambda base: alloc.fresh(f"{t}__mm_{base}")  # noqa: E731
     eps_n = n("eps")
     inits = [numpy_helper.from_array(np.array(1e-12, np.float32), eps_n)]
     # Flatten to (N, C, L) so one set of axes works for any rank >= 2.
-    shape_n, x3, m, d, d2, v, ve, sd, z, zs, y3, out = (n(k) for k in (
-        "shape", "x3", "m", "d", "d2", "v", "ve", "sd", "z", "zs", "y3", "out"))
+    shape_n, x3, m, d, d2, v, ve, sd, z, zs, y3, out = (
+        n(k) for k in ("shape", "x3", "m", "d", "d2", "v", "ve", "sd", "z", "zs", "y3", "out")
+    )
     shp3 = n("shp3")
     inits.append(numpy_helper.from_array(np.array([0, c, -1], np.int64), shp3))
     nodes = [
