@@ -20,7 +20,7 @@ from .base import Note, PassResult
 class BNStats:
     """Statistics of one BatchNormalization, keyed by its output tensor.
 
-    All arrays have shape (C,). The output channel c is modelled as N(bias[c], scale[c]**2).
+    All arrays have shape (C,). The output channel c is modelled as N(bias[c], out_std[c]**2).
     """
 
     tensor: str
@@ -38,8 +38,11 @@ class BNStats:
 
     @property
     def out_std(self) -> np.ndarray:
-        """Std of the BN output per channel, shape (C,)."""
-        return np.abs(self.scale)
+        """Std of the BN output per channel, shape (C,): |scale| * sqrt(var / (var + eps)).
+
+        A channel whose input barely varies (var << eps, a dead channel) has std near 0.
+        """
+        return np.abs(self.scale) * np.sqrt(self.var / (self.var + self.epsilon))
 
 
 @dataclass

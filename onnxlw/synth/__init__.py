@@ -259,8 +259,15 @@ def _moment_match(
         numpy_helper.from_array(s.out_std.astype(np.float32).reshape(1, c, 1), s3),
         numpy_helper.from_array(s.out_mean.astype(np.float32).reshape(1, c, 1), b3),
     ]
+    # Regularize near-dead channels: add 1e-6 of the mean channel variance, so a channel the
+    # synthetic input leaves (almost) constant is not amplified into noise.
+    vm, vms, vr, rel = n("vmean"), n("vmean_s"), n("vreg"), n("rel")
+    inits.append(numpy_helper.from_array(np.array(1e-6, np.float32), rel))
     nodes += [
-        helper.make_node("Add", [v, eps_n], [ve]),
+        helper.make_node("ReduceMean", [v], [vm], keepdims=1),
+        helper.make_node("Mul", [vm, rel], [vms]),
+        helper.make_node("Add", [v, vms], [vr]),
+        helper.make_node("Add", [vr, eps_n], [ve]),
         helper.make_node("Sqrt", [ve], [sd]),
         helper.make_node("Div", [d, sd], [z]),
         helper.make_node("Mul", [z, s3], [zs]),
