@@ -112,15 +112,22 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
     q: dict[str, QTensor] = {}
     outputs = set(view.graph_outputs)
 
-    def want(t: str) -> bool:
-        return bool(t) and not view.is_const(t) and t not in outputs and t not in tainted
+    def want(t: str, allow_output: bool = False) -> bool:
+        return (
+            bool(t)
+            and not view.is_const(t)
+            and (allow_output or t not in outputs)
+            and t not in tainted
+        )
 
-    def add_output(t: str) -> None:
-        if not want(t) or t in q:
+    def add_output(t: str, allow_output: bool = False) -> None:
+        """Quantize a layer's output (or the Relu/Clip after it). ``allow_output``: also
+        when it is a graph output (a Conv must end in a Q to fuse)."""
+        if not want(t, allow_output) or t in q:
             return
         act = view.single_consumer(t)
         bounds = _absorbable(act, view) if act is not None else None
-        if act is not None and bounds is not None and want(act.output[0]):
+        if act is not None and bounds is not None and want(act.output[0], allow_output):
             q[act.output[0]] = QTensor(
                 act.output[0], bounds[0], bounds[1], pre=t, absorbed_node=act.name
             )
@@ -147,7 +154,7 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
                 continue
             rec.sources = _sources(rec.input, view, set(canon.bn_stats))
             q.setdefault(rec.input, QTensor(rec.input))
-            add_output(rec.output)
+            add_output(rec.output, allow_output=rec.op_type == "Conv")
         elif n.op_type in QUANT_IO_OPS:
             ins = [i for i in n.input[: (None if n.op_type == "Concat" else 2)] if i]
             if n.op_type == "Add" and (len(ins) != 2 or any(view.is_const(i) for i in ins)):

@@ -118,6 +118,13 @@ def _compress(a: argparse.Namespace) -> int:
         raise OnnxlwError(f"output folder {folder} does not exist", "create it or pick another -o")
     if not os.access(folder, os.W_OK):
         raise OnnxlwError(f"output folder {folder} is not writable", "pick a writable -o path")
+    if a.report:
+        rfolder = Path(a.report).parent if str(Path(a.report).parent) else Path(".")
+        if not rfolder.is_dir() or not os.access(rfolder, os.W_OK):
+            raise OnnxlwError(
+                f"report folder {rfolder} does not exist or is not writable",
+                "pick a writable --report path",
+            )
     config = _config(a)
     t0 = time.perf_counter()
 

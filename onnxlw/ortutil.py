@@ -76,6 +76,69 @@ def run(
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size (dim 0) of the first graph input, or None when it is symbolic."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+        return None
+    return None
+
+
+def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose graph inputs have a symbolic dim 0 (outputs' shapes are dropped)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    for vi in m.graph.input:
+        if vi.name not in inits and vi.type.tensor_type.shape.dim:
+            d = vi.type.tensor_type.shape.dim[0]
+            d.Clear()
+            d.dim_param = "onnxlw_batch"
+    for vi in m.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del m.graph.value_info[:]
+    return m
+
+
+def run_model_batched(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+) -> tuple[list[np.ndarray], bool]:
+    """Run ``model`` on feeds whose batch may differ from the model's fixed batch.
+
+    Tries the whole batch at once (making dim 0 symbolic when it is fixed); if the graph
+    hard-codes its batch, runs in chunks of the fixed batch. Returns the outputs and whether
+    it had to chunk.
+    """
+    b0 = static_batch(model)
+    n = next(iter(feeds.values())).shape[0]
+    if b0 is None or b0 == n:
+        return session(model).run(outputs, feeds), False
+    try:
+        return session(with_symbolic_batch(model)).run(outputs, feeds), False
+    except Exception:  # noqa: BLE001 - the graph hard-codes its batch size
+        if n % b0:
+            raise
+        return run(session(model), feeds, batch=b0) if outputs is None else _chunked(
+            session(model), feeds, outputs, b0
+        ), True
+
+
+def _chunked(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str], batch: int
+) -> list[np.ndarray]:
+    n = next(iter(feeds.values())).shape[0]
+    parts = [
+        sess.run(outputs, {k: v[i : i + batch] for k, v in feeds.items()})
+        for i in range(0, n, batch)
+    ]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
+
+
 def file_size(path: str | os.PathLike) -> int:
     """Bytes on disk of a model file plus the external-data files it references."""
     p = Path(path)

@@ -103,6 +103,11 @@ def _report(
     fallback: str | None,
 ) -> Report:
     warnings = list(loaded.notes)
+    if fallback and "per-image" in fallback:
+        warnings.append(
+            "the graph hard-codes its batch size, so synthesis ran one image at a "
+            "time (moments matched per image)"
+        )
     if not canon.bn_found:
         warnings.append(
             "no BatchNormalization statistics in the model (was BN folded at "

@@ -12,7 +12,7 @@ import onnx
 
 from .config import Config
 from .errors import OnnxlwError
-from .ortutil import session
+from .ortutil import run, run_model_batched, session, static_batch
 from .synth import input_shapes
 from .synth.inputs import synthetic_input
 
@@ -50,12 +50,13 @@ def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Con
             ) from None
         opt = onnx.load(opt_path, load_external_data=False)
     counts = dict(sorted(collections.Counter(n.op_type for n in opt.graph.node).items()))
-    rs = session(reference)
+
     rng = np.random.default_rng(config.seed + 2)
     shapes = input_shapes(reference, config, config.validate_samples)
     feeds = {k: synthetic_input(v, config.input_distribution, rng) for k, v in shapes.items()}
-    ref = rs.run(None, feeds)
-    got = qs.run(None, feeds)
+    ref, _ = run_model_batched(reference, feeds)
+    b0 = static_batch(quantized)
+    got = run(qs, feeds, batch=b0 if b0 and b0 != config.validate_samples else 0)
     sig = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
     err = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got, strict=True))
     sqnr = float(10 * np.log10(sig / err)) if err > 0 else float("inf")

@@ -329,11 +329,6 @@ def test_bad_option_values(capsys, dirs, good) -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="BUG: the --report path is checked only after the model was written, so a bad "
-    "--report exits 2 but leaves the output model behind",
-    strict=True,
-)
 def test_bad_report_path_leaves_nothing(capsys, dirs, good) -> None:
     _, out = dirs
     refused(

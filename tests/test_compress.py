@@ -266,11 +266,6 @@ def test_symbolic_batch_needs_no_pin() -> None:
     assert session(out).run(None, feeds)[0].shape == (3, 16, 16, 16)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a static batch dim (1, the usual export) is overwritten by --samples for the "
-    "synthesis/validation runs, so onnxruntime rejects the feeds (INVALID_ARGUMENT)",
-    strict=True,
-)
 def test_static_batch_one_compresses() -> None:
     m = M.conv_bn_relu()  # input [1, 3, 16, 16]
     out, _ = onnxlw.compress(m, CFG)
@@ -278,22 +273,12 @@ def test_static_batch_one_compresses() -> None:
     assert ortutil.fused_conv_counts(out) == (2, 0)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a quantized Conv whose output is a graph output gets no Q after it, so "
-    "onnxruntime cannot fuse it and runs a float Conv on dequantized weights",
-    strict=True,
-)
 def test_conv_producing_graph_output_fuses() -> None:
     out, report = onnxlw.compress(M.conv_output(batch="N"), CFG)
     assert report.layers_quantized == 2
     assert ortutil.fused_conv_counts(out) == (2, 0)
 
 
-@pytest.mark.xfail(
-    reason="BUG: Gemm with a broadcast bias of shape (1,) is left as is by normalize_gemm; "
-    "solve_plan reshapes it to (1, out) and compress dies with ValueError",
-    strict=True,
-)
 def test_gemm_with_broadcast_bias_compresses() -> None:
     m = M.gemm_head(batch="N")
     for k, t in enumerate(m.graph.initializer):

@@ -116,12 +116,6 @@ def test_drop_noops_removes_identity_and_dropout() -> None:
     assert_same_outputs(m, res.model)
 
 
-@pytest.mark.xfail(
-    reason="BUG: for Relu->Identity1->Identity2->graph output, drop_noops maps Identity2's "
-    "input (Identity1's output) to the graph output name, but Identity1 is dropped too, so no "
-    "node writes the graph output (invalid model)",
-    strict=True,
-)
 def test_drop_noops_identity_chain_to_graph_output() -> None:
     m = M.identity_chain()
     res = drop_noops(m)
@@ -390,11 +384,6 @@ def test_normalize_gemm_refusals(c_shape, trans_a, reason) -> None:
     assert_same_outputs(m, res.model, batch=2)
 
 
-@pytest.mark.xfail(
-    reason="BUG: normalize_gemm treats a broadcast bias C of shape (1,) as 'already normal'; "
-    "the solve then reshapes it to (1, out) and fails",
-    strict=True,
-)
 def test_normalize_gemm_broadcast_scalar_bias() -> None:
     m = _gemm_model((1,))
     res = run_pass(normalize_gemm, m)

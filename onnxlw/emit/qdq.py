@@ -28,6 +28,8 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
     after: dict[str, list[onnx.NodeProto]] = {}  # producer-output -> Q/DQ nodes to insert
     head: list[onnx.NodeProto] = []
 
+    outputs = set(view.graph_outputs)
+    renamed_out: dict[str, str] = {}  # graph output written by a DQ: producer writes this
     for name, qt in analysis.qtensors.items():
         r = plan.act[name]
         s_name, z_name = alloc.fresh(f"{name}_scale"), alloc.fresh(f"{name}_zero_point")
@@ -37,6 +39,10 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         ]
         src = qt.pre if qt.pre is not None else name
         q_out, dq_out = alloc.fresh(f"{name}_quantized"), alloc.fresh(f"{name}_dequantized")
+        if name in outputs:  # the DQ writes the graph output; the producer gets a new name
+            dq_out = name
+            if qt.pre is None:
+                src = renamed_out[name] = alloc.fresh(f"{name}_float")
         nodes = [
             helper.make_node(
                 "QuantizeLinear",
@@ -54,8 +60,9 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         if src in view.graph_inputs:
             head += nodes
         else:
-            after.setdefault(src, []).extend(nodes)
-        rewire[name] = dq_out
+            after.setdefault(qt.pre if qt.pre is not None else name, []).extend(nodes)
+        if name not in outputs:
+            rewire[name] = dq_out
 
     layer_inputs: dict[str, tuple[str, str | None]] = {}
     for rec in analysis.active_layers:
@@ -120,6 +127,9 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         for k, i in enumerate(m.input):
             if i in rewire:
                 m.input[k] = rewire[i]
+        for k, o in enumerate(m.output):
+            if o in renamed_out:
+                m.output[k] = renamed_out[o]
         if n.name in layer_inputs:
             wdq, bdq = layer_inputs[n.name]
             m.input[1] = wdq

@@ -13,14 +13,21 @@ from .base import Note, PassResult
 def drop_noops(model: onnx.ModelProto) -> PassResult:
     """Remove Identity and inference-mode Dropout, rewiring their consumers.
 
-    A no-op whose output is a graph output is removed only when its input can take the
-    output's name (it is produced by a node, not a graph input or initializer).
+    A no-op whose output is a graph output is removed only when the tensor it forwards (after
+    following earlier removed no-ops) can take the output's name: it is produced by a node,
+    is not a graph output itself, and has no other name claim.
     """
     view = GraphView(model)
     rename: dict[str, str] = {}
     drop: set[int] = set()
     notes: list[Note] = []
     out_rename: dict[str, str] = {}
+
+    def resolve(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
     for n in view.nodes:
         if n.op_type not in ("Identity", "Dropout") or n.domain not in ("", "ai.onnx"):
             continue
@@ -42,13 +49,9 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
             if len(n.output) > 1 and n.output[1] and view.consumers.get(n.output[1]):
                 notes.append(Note("drop_noops", "Dropout", where, False, "mask output is used"))
                 continue
-        src, dst = n.input[0], n.output[0]
+        src, dst = resolve(n.input[0]), n.output[0]
         if dst in view.graph_outputs:
-            if (
-                src in view.producer
-                and src not in view.graph_outputs
-                and all(c is n for c in view.consumers[src])
-            ):
+            if src in view.producer and src not in view.graph_outputs and src not in out_rename:
                 out_rename[src] = dst
             else:
                 notes.append(
@@ -66,11 +69,6 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
         drop.add(id(n))
         notes.append(Note("drop_noops", n.op_type, where, True))
 
-    def resolve(name: str) -> str:
-        while name in rename:
-            name = rename[name]
-        return name
-
     nodes = []
     for n in view.nodes:
         if id(n) in drop:
@@ -78,7 +76,8 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
         m = onnx.NodeProto()
         m.CopyFrom(n)
         for k, i in enumerate(m.input):
-            m.input[k] = resolve(i)
+            r = resolve(i)
+            m.input[k] = out_rename.get(r, r)
         for k, o in enumerate(m.output):
             m.output[k] = out_rename.get(o, o)
         nodes.append(m)
@@ -148,7 +147,7 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
             and alpha == 1.0
             and beta == 1.0
             and c is not None
-            and c.ndim == 1
+            and c.shape == (nout,)
         ):
             notes.append(Note("normalize_gemm", "Gemm", where, False, "already normal"))
             nodes.append(n)

@@ -23,7 +23,7 @@ from ..analyze import Analysis
 from ..config import Config, Synthesis
 from ..graph import GraphView, NameAllocator
 from ..io import default_opset
-from ..ortutil import session
+from ..ortutil import run_model_batched
 from ..passes import Canonical
 from .inputs import synthetic_input
 
@@ -96,9 +96,9 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
     }
     names = [out_map[t] for t in wanted if t not in cut_values and t not in feeds]
     values: dict[str, np.ndarray] = {}
+    chunked = False
     if names:
-        sess = session(synth_model)
-        res = sess.run(names, feeds_all)
+        res, chunked = run_model_batched(synth_model, feeds_all, names)
         values.update(zip(names, res, strict=True))
     out = {
         t: values[out_map[t]]
@@ -107,6 +107,8 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
         for t in wanted
     }
     fallback = None if stats else "propagated-input-distribution"
+    if chunked:  # a graph with a hard-coded batch: each image was matched on its own
+        fallback = (fallback + "+" if fallback else "") + "per-image-batches"
     return Samples(out, feeds, mode.value, fallback)
 
 
