@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -16,7 +17,9 @@ from .config import (
     InputDistribution,
     Synthesis,
     WeightScale,
+    parse_input_range,
     parse_input_shape,
+    range_from_preprocess,
 )
 from .errors import OnnxlwError
 
@@ -49,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         "--input-dist",
         choices=[e.value for e in InputDistribution],
         default=Config.input_distribution.value,
+    )
+    c.add_argument(
+        "--input-range",
+        metavar="LO,HI",
+        help="declared range of input values (default: from a sidecar <model>.json with "
+        "'preprocess' mean/std next to the model, if present)",
     )
     c.add_argument(
         "--synthesis", choices=[e.value for e in Synthesis], default=Config.synthesis.value
@@ -89,6 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _input_range(a: argparse.Namespace) -> tuple[tuple[float, float] | None, str]:
+    """The declared input range and where it came from."""
+    if a.input_range:
+        return parse_input_range(a.input_range), "--input-range"
+    side = Path(a.input).with_suffix(".json")
+    if side.is_file():
+        try:
+            pre = json.loads(side.read_text()).get("preprocess", {})
+        except (OSError, ValueError, AttributeError):
+            return None, ""
+        r = range_from_preprocess(pre) if isinstance(pre, dict) else None
+        if r is not None:
+            return r, f"sidecar {side}"
+    return None, ""
+
+
 def _config(a: argparse.Namespace) -> Config:
     return Config(
         weight_bits=a.weight_bits,
@@ -102,6 +127,7 @@ def _config(a: argparse.Namespace) -> Config:
         act_range=ActRange(a.act_range),
         bias_correction=BiasCorrection(a.bias_correction),
         quantize_classifier=not a.float_classifier,
+        input_range=_input_range(a)[0],
     )
 
 
@@ -126,7 +152,11 @@ def _compress(a: argparse.Namespace) -> int:
                 "pick a writable --report path",
             )
     config = _config(a)
+    rng_src = _input_range(a)[1]
     t0 = time.perf_counter()
+    if rng_src:
+        lo, hi = config.input_range or (0.0, 0.0)
+        print(f"input range [{lo:.4g}, {hi:.4g}] declared by {rng_src}", file=sys.stderr)
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)

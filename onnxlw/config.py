@@ -66,12 +66,17 @@ class Config:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Pins for dynamic input dims, used for synthesis only: ((name, dims), ...)."""
     input_distribution: InputDistribution = InputDistribution.PINK
+    input_range: tuple[float, float] | None = None
+    """Declared range of every graph input value (e.g. from the preprocessing: pixel 0 and
+    255 normalized). Used as the input's quantization range instead of a synthesized one."""
     synthesis: Synthesis = Synthesis.MATCHED
     weight_scale: WeightScale = WeightScale.OUTPUT_MSE
     act_range: ActRange = ActRange.MSE
     bias_correction: BiasCorrection = BiasCorrection.FULL
     quantize_classifier: bool = True
     """Quantize Gemm/MatMul layers whose output is a graph output."""
+    workers: int = 2
+    """Threads for the independent layer solves (results do not depend on it)."""
     saturation_guard: bool = True
     """Keep weight pairs within int16 for x86 u8s8 kernels without VNNI (VPMADDUBSW)."""
     validate_samples: int = 8
@@ -89,6 +94,10 @@ class Config:
             )
         if self.samples < 2:
             raise OnnxlwError(f"--samples {self.samples} is too small", "use --samples 2 or more")
+        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+            raise OnnxlwError(
+                f"--input-range {self.input_range} is empty", "pass LO,HI with LO < HI"
+            )
         if self.seed < 0:
             raise OnnxlwError(f"--seed {self.seed} is negative", "use a seed >= 0")
 
@@ -101,6 +110,8 @@ class Config:
                 v = v.value
             elif f.name == "input_shapes":
                 v = {name: list(dims) for name, dims in v}
+            elif f.name == "input_range" and v is not None:
+                v = list(v)
             out[f.name] = v
         return out
 
@@ -122,3 +133,33 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
             "write e.g. --input-shape input:1,3,224,224",
         )
     return name, shape
+
+
+def parse_input_range(text: str) -> tuple[float, float]:
+    """Parse ``LO,HI`` into floats."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise OnnxlwError(
+            f"--input-range {text!r} is not of the form LO,HI", "write e.g. --input-range -2.2,2.7"
+        ) from None
+    return lo, hi
+
+
+def range_from_preprocess(pre: dict) -> tuple[float, float] | None:
+    """Input value range implied by a sidecar's ``preprocess`` (pixels 0..255 normalized).
+
+    Knows ``mean255``/``std255`` (per channel, 0..255 units) and scalar or per-channel
+    ``mean``/``std`` (0..1 units). Returns None when the keys are absent.
+    """
+    import numpy as np
+
+    if "mean255" in pre and "std255" in pre:
+        mean, std, top = np.asarray(pre["mean255"], float), np.asarray(pre["std255"], float), 255.0
+    elif "mean" in pre and "std" in pre:
+        mean, std, top = np.asarray(pre["mean"], float), np.asarray(pre["std"], float), 1.0
+    else:
+        return None
+    lo = float(np.min((0.0 - mean) / std))
+    hi = float(np.max((top - mean) / std))
+    return lo, hi

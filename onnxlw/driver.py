@@ -7,6 +7,7 @@ how a layer's weight tensor maps to a grouped matrix and back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ from .graph import GraphView
 from .passes import Canonical
 from .solve.patches import conv_patches, dense_rows
 from .solve.problem import ActRange, LayerProblem, QuantSpec, WeightSolution
-from .solve.ranges import choose_range, fake_quant
+from .solve.ranges import affine_params, choose_range, fake_quant
 from .solve.weights import solve_weights
 from .synth import Samples
 
@@ -58,33 +59,38 @@ def solve_plan(
     config: Config,
     progress: Callable[[int, int], None] | None = None,
 ) -> QuantPlan:
-    """Activation ranges for every quantized tensor, then weight solutions per layer."""
-    rng = np.random.default_rng(config.seed + 1)
+    """Activation ranges for every quantized tensor, then weight solutions per layer.
+
+    Layers are independent problems: they are solved on ``config.workers`` threads (numpy
+    releases the GIL), each with its own generator seeded by (seed, layer index), so the
+    result does not depend on scheduling.
+    """
     plan = QuantPlan()
-    for name, qt in analysis.qtensors.items():
-        if qt.same_as is not None:
-            continue
-        v = samples.values[name].ravel()
-        if v.size > RANGE_SAMPLE_LIMIT:
-            v = v[rng.integers(0, v.size, RANGE_SAMPLE_LIMIT)]
-        plan.act[name] = choose_range(
-            v,
-            bits=config.act_bits,
-            method=config.act_range.value,
-            lo_bound=qt.lo_bound,
-            hi_bound=qt.hi_bound,
-        )
-    for name, qt in analysis.qtensors.items():
-        if qt.same_as is not None:
-            plan.act[name] = plan.act[qt.same_as]
+    todo = [(n, qt) for n, qt in analysis.qtensors.items() if qt.same_as is None]
     view = GraphView(canon.model)
     spec = QuantSpec(
         bits=config.weight_bits,
         scale_method=config.weight_scale.value,
         bias_correction=config.bias_correction.value,
     )
-    active = analysis.active_layers
-    for k, rec in enumerate(active):
+
+    def act_range(k: int) -> tuple[str, ActRange]:
+        name, qt = todo[k]
+        rng = np.random.default_rng([config.seed, 1, k])
+        v = samples.values[name].reshape(-1)
+        if v.size > RANGE_SAMPLE_LIMIT:
+            v = v[rng.integers(0, v.size, RANGE_SAMPLE_LIMIT)]
+        r = choose_range(
+            v,
+            bits=config.act_bits,
+            method=config.act_range.value,
+            lo_bound=qt.lo_bound,
+            hi_bound=qt.hi_bound,
+        )
+        return name, r
+
+    def layer(rec: LayerRecord) -> tuple[int, WeightSolution]:
+        rng = np.random.default_rng([config.seed, 2, rec.index])
         w = view.const(rec.weight).astype(np.float32)
         x = _layer_inputs(rec, samples.values[rec.input], config, rng)
         r = plan.act.get(rec.input)
@@ -93,9 +99,29 @@ def solve_plan(
         wm = layer_matrix(rec, w)
         bias = b.reshape(wm.shape[0], wm.shape[1]) if b is not None else None
         pairs = u8s8_pair_order(rec) if config.saturation_guard else None
-        plan.weights[rec.index] = solve_weights(LayerProblem(wm, x, xq, bias, spec, pairs))
-        if progress:
-            progress(k + 1, len(active))
+        return rec.index, solve_weights(LayerProblem(wm, x, xq, bias, spec, pairs))
+
+    active = analysis.active_layers
+    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+        plan.act.update(pool.map(act_range, range(len(todo))))
+        if config.input_range is not None:  # declared: exact bounds of any real input
+            lo, hi = config.input_range
+            for name in samples.inputs:
+                if name in plan.act:
+                    s, z = affine_params(lo, hi, config.act_bits)
+                    plan.act[name] = ActRange(
+                        min(lo, 0.0), max(hi, 0.0), s, z, float("nan"), "declared"
+                    )
+        for name, qt in analysis.qtensors.items():
+            if qt.same_as is not None:
+                plan.act[name] = plan.act[qt.same_as]
+        # Largest problems first so the pool stays busy; results are keyed, order-free.
+        order = sorted(active, key=lambda r: -samples.values[r.input].size * r.params)
+        for k, (idx, sol) in enumerate(pool.map(layer, order)):
+            plan.weights[idx] = sol
+            if progress:
+                progress(k + 1, len(active))
+    plan.weights = dict(sorted(plan.weights.items()))
     return plan
 
 
@@ -125,6 +151,7 @@ def _layer_inputs(
     if rec.op_type == "Conv":
         assert rec.geom is not None
         gm = rec.geom
+        k = rec.weight_shape[1] * gm.kernel[0] * gm.kernel[1]
         return conv_patches(
             x,
             group=gm.group,
@@ -132,7 +159,7 @@ def _layer_inputs(
             strides=gm.strides,
             pads=gm.pads,
             dilations=gm.dilations,
-            positions=config.max_positions,
+            positions=min(config.max_positions, max(1024, 8 * k)),
             rng=rng,
         )
     return dense_rows(x, config.max_positions, rng)

@@ -14,7 +14,8 @@ class QuantSpec:
     bits: int = 8
     scale_method: str = "output-mse"  # or "minmax"
     bias_correction: str = "full"  # "none" | "weights" | "full"
-    grid: int = 24  # candidate clipping ratios per channel (coarse + fine)
+    grid: int = 40  # candidate clipping ratios per channel, screened with diag(H)
+    exact: int = 4  # best screened candidates per channel ranked with the full H
     pair_limit: int = 128  # max |q_a + q_b| over a same-sign pair: 255 * 128 < 2**15
 
     @property

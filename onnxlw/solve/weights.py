@@ -13,6 +13,8 @@ import numpy as np
 from .problem import LayerProblem, QuantSpec, WeightSolution
 
 DAMPING = 1e-6
+SEARCH_DTYPE = np.float32
+"""Precision of the scale search (the final error and bias use float64)."""
 
 
 def quantize(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
@@ -48,8 +50,8 @@ def limit_pairs(q: np.ndarray, r: np.ndarray, limit: int, qmax: int) -> tuple[np
 
 def second_moment(x: np.ndarray, centered: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-group H = E[x x^T] (or covariance) and mean. ``x`` (M, G, K) -> (G, K, K), (G, K)."""
-    xt = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32)  # (G, M, K)
-    mean = xt.astype(np.float64).mean(axis=1)
+    mean = x.mean(axis=0, dtype=np.float64)
+    xt = x.transpose(1, 0, 2)  # (G, M, K) view
     if centered:
         xt = xt - mean[:, None, :].astype(np.float32)
     h = np.matmul(xt.transpose(0, 2, 1), xt).astype(np.float64) / max(len(x), 1)
@@ -58,6 +60,8 @@ def second_moment(x: np.ndarray, centered: bool) -> tuple[np.ndarray, np.ndarray
 
 def output_error(d: np.ndarray, h: np.ndarray) -> np.ndarray:
     """d^T H d per channel. ``d`` (G, O, K), ``h`` (G, K, K) -> (G, O)."""
+    if d.shape[-1] <= 16:  # many tiny groups (depthwise): broadcasting beats batched matmul
+        return np.einsum("gok,gkl,gol->go", d, h, d)
     return (np.matmul(d, h) * d).sum(axis=-1)
 
 
@@ -93,7 +97,7 @@ class _Levels:
 def solve_weights(p: LayerProblem) -> WeightSolution:
     """Choose scales, round, and correct the bias for one layer."""
     spec: QuantSpec = p.spec
-    w = p.weight.astype(np.float64)
+    w = p.weight.astype(SEARCH_DTYPE)
     g, o, k = w.shape
     centered = spec.bias_correction != "none"
     h, mean_x = second_moment(p.x, centered)
@@ -104,40 +108,52 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
     guard = p.pair_order is not None and k >= 2
     order = p.pair_order if guard else None
     levels = _Levels(w, spec.qmax, spec.pair_limit, order)
-    hp = (h[:, order][:, :, order] if order is not None else h).astype(np.float32)
+    hp = (h[:, order][:, :, order] if order is not None else h).astype(SEARCH_DTYPE)
     wp = levels.w
     base = np.abs(w).max(axis=2) / spec.qmax
 
     def error(scale: np.ndarray) -> np.ndarray:
-        d = (wp - levels(scale)[0] * scale[..., None]).astype(np.float32)
-        return output_error(d, hp).astype(np.float64)
+        s32 = scale.astype(SEARCH_DTYPE)
+        return output_error(wp - levels(s32)[0] * s32[..., None], hp).astype(np.float64)
 
     # Reference: max|w| scales; with the guard, doubled so that no pair can exceed the limit.
     ref_ratio = 2.0 if guard else 1.0
     ref_err = error(base * ref_ratio)
-    signal = output_error(wp.astype(np.float32), hp).astype(np.float64)
+    signal = output_error(wp, hp).astype(np.float64)
     best_err, best_ratio = ref_err.copy(), np.full((g, o), ref_ratio)
     if spec.scale_method == "output-mse":
+        # Screen a fine grid with the diagonal of H (O(K) per channel and candidate), then
+        # rank the best few per channel exactly (O(K^2)): the error is jagged in the ratio
+        # because of rounding, so resolution matters more than a smooth local search.
         lo, hi = (0.5, 2.0) if guard else (0.5, 1.0)
-        coarse = np.geomspace(lo, hi, spec.grid // 2)
-        for r in coarse:
-            best_err, best_ratio = _keep_better(error(base * r), r, best_err, best_ratio)
-        step = (hi / lo) ** (1 / (len(coarse) - 1))
-        for f in np.geomspace(1 / step, step, spec.grid // 2):
-            r = np.clip(best_ratio * f, lo, hi)
+        # A geometric grid plus the ratios that move the largest weight one, two, ... levels
+        # past qmax, where small clips pay off most often.
+        near = spec.qmax / (spec.qmax + np.arange(1, 9))
+        ratios = np.unique(np.concatenate([np.geomspace(lo, hi, spec.grid - 8), near]))
+        ratios = ratios[(ratios >= lo) & (ratios <= hi)].astype(SEARCH_DTYPE)
+        hd = np.einsum("gkk->gk", hp)[:, None, :]  # (G, 1, K)
+        screen = np.empty((len(ratios), g, o), SEARCH_DTYPE)
+        for j, r in enumerate(ratios):
+            s32 = (base * r).astype(SEARCH_DTYPE)
+            d = wp - levels(s32)[0] * s32[..., None]
+            screen[j] = (d * d * hd).sum(axis=-1)
+        top = np.argsort(screen, axis=0, kind="stable")[: spec.exact]  # (T, G, O)
+        for j in range(top.shape[0]):
+            r = ratios[top[j]]
             best_err, best_ratio = _keep_better(error(base * r), r, best_err, best_ratio)
     elif spec.scale_method != "minmax":
         raise ValueError(f"unknown scale method {spec.scale_method}")
-    scale = base * best_ratio
+    scale = (base * best_ratio).astype(np.float32)
     qp, fixes = levels(scale)
     q = levels.unpermute(qp)
-    wq = q * scale[..., None]
+    w = w.astype(np.float64)
+    wq = q.astype(np.float64) * scale.astype(np.float64)[..., None]
     bias = np.zeros((g, o)) if p.bias is None else p.bias.astype(np.float64)
     shift = np.zeros((g, o))
     if spec.bias_correction == "weights":
         shift = np.einsum("gok,gk->go", w - wq, mean_x)
     elif spec.bias_correction == "full":
-        mq = p.xq.astype(np.float64).mean(axis=0) if p.xq is not None else mean_x
+        mq = p.xq.mean(axis=0, dtype=np.float64) if p.xq is not None else mean_x
         shift = np.einsum("gok,gk->go", w, mean_x) - np.einsum("gok,gk->go", wq, mq)
     elif spec.bias_correction != "none":
         raise ValueError(f"unknown bias correction {spec.bias_correction}")
