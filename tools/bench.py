@@ -76,6 +76,7 @@ from onnxlw import (  # noqa: E402
     compress,
     ortutil,
 )
+from onnxlw.config import range_from_preprocess  # noqa: E402
 from onnxlw.evaluation import (  # noqa: E402
     Preprocess,
     load_images,
@@ -118,6 +119,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "act_range=minmax": {"act_range": ActRange.MINMAX},
     "bias_correction=none": {"bias_correction": BiasCorrection.NONE},
     "saturation_guard=off": {"saturation_guard": False},
+    "input_range=synthesized": {"input_range": None},
 }
 DEFAULT_ABLATION_MODELS = ("mobilenetv2", "resnet20_cifar10")
 QUICK: dict[str, Any] = {"models": ["resnet20_cifar10"], "limit": 500, "latency_runs": 20}
@@ -278,7 +280,11 @@ def produce(
 ) -> tuple[float, dict[str, Any]]:
     """Write candidate ``c`` of ``model`` to ``out``; returns (wall seconds, extra facts)."""
     if c.kind == "onnxlw":
-        cfg = dataclasses.replace(Config(**BASE_CONFIG), **c.overrides)
+        # The CLI reads the declared input range from the sidecar next to the model; the API
+        # takes it explicitly, so do the same here.
+        side = json.loads(sidecar_path(model).read_text()).get("preprocess", {})
+        base = dataclasses.replace(Config(**BASE_CONFIG), input_range=range_from_preprocess(side))
+        cfg = dataclasses.replace(base, **c.overrides)
         t0 = time.perf_counter()
         q, rep = compress(model, cfg)
         save_atomic(q, out)
