@@ -79,7 +79,7 @@ class Config:
     """Threads for the independent layer solves (results do not depend on it)."""
     saturation_guard: bool = True
     """Keep weight pairs within int16 for x86 u8s8 kernels without VNNI (VPMADDUBSW)."""
-    validate_samples: int = 8
+    validate_samples: int = 16
     """Synthetic inputs used to compare the output with the original in ``validate``."""
     max_positions: int = 4096
     """Input positions sampled per layer for the weight solve (columns of im2col)."""

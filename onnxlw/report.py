@@ -105,8 +105,9 @@ class Report:
             )
             agree = "n/a" if v.top1_agreement is None else f"{100 * v.top1_agreement:.1f}%"
             lines.append(
-                f"vs FP32          : SQNR {v.sqnr_db:.1f} dB, top-1 agreement {agree} "
-                f"on {v.samples} synthetic inputs"
+                f"vs FP32          : SQNR {v.sqnr_db:.1f} dB, top-1 agreement {agree} on "
+                f"{v.samples} synthetic noise inputs (a sanity check, not an accuracy "
+                "estimate: run `onnxlw eval` on real images)"
             )
         lines.append(
             f"wall time        : {self.wall_time:.1f} s ("

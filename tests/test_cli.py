@@ -430,7 +430,11 @@ def test_report_json(capsys, dirs, good) -> None:
     assert r["layers_quantized"] == 2
     assert all(x["skipped"] is None and x["sqnr_db"] > 30 for x in r["layers"])
     v = r["validation"]
-    assert v["qlinear_conv"] == 2 and v["float_conv"] == 0 and v["samples"] == 8
+    assert (
+        v["qlinear_conv"] == 2
+        and v["float_conv"] == 0
+        and v["samples"] == r["config"]["validate_samples"] == 16
+    )
     assert v["op_counts"]["QLinearConv"] == 2 and v["sqnr_db"] > 20
     assert set(r["stages"]) >= {
         "load",

@@ -1,0 +1,93 @@
+"""End to end on real trained models: the bundled digits CNN, and ../shared's CIFAR ResNet-20.
+
+The shared tests skip with a reason when ../shared is absent; in CI it is present and they run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxlw import Config, compress
+from onnxlw.config import range_from_preprocess
+from onnxlw.evaluation.evaluate import run_model
+from onnxlw.io import save_atomic
+from onnxlw.ortutil import fused_conv_counts
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODELS = REPO / "models"
+
+
+def _agreement(ref: Path, cand: Path, x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    r, q = run_model(ref, x), run_model(cand, x)
+    return float(np.mean(r.argmax(1) == q.argmax(1))), r, q
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_cnn_bnfolded"])
+def test_bundled_digits_model(name: str, tmp_path: Path) -> None:
+    """The bundled real model: fully fused, and agrees with FP32 on its held-out test split."""
+    data = np.load(MODELS / "digits_test.npz")
+    x, y = data["x"], data["y"]
+    model, report = compress(MODELS / f"{name}.onnx", Config(seed=0))
+    out = tmp_path / "q.onnx"
+    save_atomic(model, out)
+    assert fused_conv_counts(out) == (6, 0)
+    agree, r, q = _agreement(MODELS / f"{name}.onnx", out, x)
+    print(
+        f"{name}: agreement {agree:.4f}, top-1 fp32 {np.mean(r.argmax(1) == y):.4f} "
+        f"int8 {np.mean(q.argmax(1) == y):.4f} on {len(y)} images"
+    )
+    assert agree >= 0.98
+    assert np.mean(q.argmax(1) == y) >= np.mean(r.argmax(1) == y) - 0.02
+    assert report.bn_found is (name == "digits_cnn")
+
+
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "models" / "resnet20_cifar10.onnx").is_file()
+    or not (SHARED / "data" / "cifar10-test-jpg").is_dir(),
+    reason=f"{SHARED} (real models and CIFAR-10 images) is absent",
+)
+
+
+@pytest.fixture(scope="module")
+def cifar_1000() -> tuple[np.ndarray, np.ndarray]:
+    pytest.importorskip("PIL.Image", reason="Pillow decodes the CIFAR JPEGs")
+    from onnxlw.evaluation.preprocess import load_images, select_preset
+
+    pre = select_preset(SHARED / "models" / "resnet20_cifar10.onnx")
+    x, y, _ = load_images(SHARED / "data" / "cifar10-test-jpg", pre, limit=1000)
+    assert len(x) == 1000
+    return x, y
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("name", "min_agree"),
+    [("resnet20_cifar10", 0.97), ("resnet20_cifar10_bnfolded", 0.95)],
+)
+def test_resnet20_agreement_on_1000_cifar_images(
+    name: str, min_agree: float, cifar_1000: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """W8A8 with no data keeps top-1 agreement with FP32 on 1000 real CIFAR-10 test images.
+
+    The BN-folded twin has no BN statistics; its fallback gets a lower bar (measured ~97-98%).
+    """
+    import json
+
+    src = SHARED / "models" / f"{name}.onnx"
+    side = json.loads(src.with_suffix(".json").read_text())["preprocess"]
+    model, report = compress(src, Config(seed=0, input_range=range_from_preprocess(side)))
+    out = tmp_path / "q.onnx"
+    save_atomic(model, out)
+    x, y = cifar_1000
+    agree, r, q = _agreement(src, out, x)
+    top1_fp, top1_q = np.mean(r.argmax(1) == y), np.mean(q.argmax(1) == y)
+    print(f"{name}: agreement {agree:.3f}, top-1 {top1_fp:.3f} -> {top1_q:.3f}")
+    assert fused_conv_counts(out) == (19, 0)
+    assert report.validation is not None and report.validation.qlinear_conv == 19
+    assert agree >= min_agree
+    assert top1_q >= top1_fp - 0.01
+    assert report.bn_found is ("bnfolded" not in name)
