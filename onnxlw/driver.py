@@ -22,7 +22,7 @@ from .solve.ranges import affine_params, choose_range, fake_quant
 from .solve.weights import solve_weights
 from .synth import Samples
 
-RANGE_SAMPLE_LIMIT = 1 << 21
+RANGE_SAMPLE_LIMIT = 1 << 20
 """Values per tensor used for the range search (a seeded subsample beyond this)."""
 
 

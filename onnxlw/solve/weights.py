@@ -13,6 +13,8 @@ import numpy as np
 from .problem import LayerProblem, QuantSpec, WeightSolution
 
 DAMPING = 1e-6
+SCREEN_BUDGET = 16_000_000
+"""Weight-candidate evaluations per layer for the screening grid (caps it for big layers)."""
 SEARCH_DTYPE = np.float32
 """Precision of the scale search (the final error and bias use float64)."""
 
@@ -48,14 +50,42 @@ def limit_pairs(q: np.ndarray, r: np.ndarray, limit: int, qmax: int) -> tuple[np
     return out, int(over.sum())
 
 
-def second_moment(x: np.ndarray, centered: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group H = E[x x^T] (or covariance) and mean. ``x`` (M, G, K) -> (G, K, K), (G, K)."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    xt = x.transpose(1, 0, 2)  # (G, M, K) view
-    if centered:
-        xt = xt - mean[:, None, :].astype(np.float32)
-    h = np.matmul(xt.transpose(0, 2, 1), xt).astype(np.float64) / max(len(x), 1)
-    return h, mean
+class _Metric:
+    """The layer's output-error metric d -> d^T (H + load I) d, per group and channel.
+
+    Built from the sampled inputs ``x`` (M, G, K): as H = E[x x^T] (G, K, K) when M >= K, or
+    straight from the samples when there are fewer samples than inputs (cheaper, same value).
+    ``centered`` uses the covariance. ``order`` permutes K (the u8s8 pair order).
+    """
+
+    def __init__(self, x: np.ndarray, centered: bool, order: np.ndarray | None) -> None:
+        m, _, k = x.shape
+        self.mean = x.mean(axis=0, dtype=np.float64)  # (G, K), original order
+        xt = x.transpose(1, 0, 2)  # (G, M, K)
+        if centered:
+            xt = xt - self.mean[:, None, :].astype(np.float32)
+        if order is not None:
+            xt = xt[..., order]
+        diag = np.einsum("gmk,gmk->gk", xt, xt, dtype=np.float64) / max(m, 1)
+        self.dead = int((diag <= 0).sum())
+        self.load = (DAMPING * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12))[:, :, None]
+        self.diag = (diag + self.load[..., 0]).astype(SEARCH_DTYPE)
+        self.samples: np.ndarray | None = None
+        self.h: np.ndarray | None = None
+        if m < k:
+            self.samples = np.ascontiguousarray(xt.transpose(0, 2, 1), dtype=SEARCH_DTYPE)
+            self.m = m
+        else:
+            h = np.matmul(xt.transpose(0, 2, 1), xt).astype(np.float64) / max(m, 1)
+            self.h = (h + self.load * np.eye(k)).astype(SEARCH_DTYPE)
+
+    def __call__(self, d: np.ndarray) -> np.ndarray:
+        """d^T (H + load I) d. ``d`` (G, O, K) -> (G, O)."""
+        if self.h is not None:
+            return output_error(d, self.h)
+        assert self.samples is not None
+        y = np.matmul(d, self.samples)  # (G, O, M)
+        return (y * y).sum(axis=-1) / self.m + self.load[:, :, 0] * (d * d).sum(axis=-1)
 
 
 def output_error(d: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -100,26 +130,23 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
     w = p.weight.astype(SEARCH_DTYPE)
     g, o, k = w.shape
     centered = spec.bias_correction != "none"
-    h, mean_x = second_moment(p.x, centered)
-    diag = np.einsum("gkk->gk", h)
-    dead = int((diag <= 0).sum())
-    load = DAMPING * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
-    h = h + load[..., None] * np.eye(k)
     guard = p.pair_order is not None and k >= 2
     order = p.pair_order if guard else None
     levels = _Levels(w, spec.qmax, spec.pair_limit, order)
-    hp = (h[:, order][:, :, order] if order is not None else h).astype(SEARCH_DTYPE)
+    metric = _Metric(p.x, centered, order)
+    mean_x = metric.mean
+    dead = metric.dead
     wp = levels.w
     base = np.abs(w).max(axis=2) / spec.qmax
 
     def error(scale: np.ndarray) -> np.ndarray:
         s32 = scale.astype(SEARCH_DTYPE)
-        return output_error(wp - levels(s32)[0] * s32[..., None], hp).astype(np.float64)
+        return metric(wp - levels(s32)[0] * s32[..., None]).astype(np.float64)
 
     # Reference: max|w| scales; with the guard, doubled so that no pair can exceed the limit.
     ref_ratio = 2.0 if guard else 1.0
     ref_err = error(base * ref_ratio)
-    signal = output_error(wp, hp).astype(np.float64)
+    signal = metric(wp).astype(np.float64)
     best_err, best_ratio = ref_err.copy(), np.full((g, o), ref_ratio)
     if spec.scale_method == "output-mse":
         # Screen a fine grid with the diagonal of H (O(K) per channel and candidate), then
@@ -129,9 +156,11 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
         # A geometric grid plus the ratios that move the largest weight one, two, ... levels
         # past qmax, where small clips pay off most often.
         near = spec.qmax / (spec.qmax + np.arange(1, 9))
-        ratios = np.unique(np.concatenate([np.geomspace(lo, hi, spec.grid - 8), near]))
+        # Screening costs O(G*O*K) per candidate: large layers get a coarser grid.
+        n_geo = int(np.clip(SCREEN_BUDGET // max(w.size, 1), 8, spec.grid - 8))
+        ratios = np.unique(np.concatenate([np.geomspace(lo, hi, n_geo), near]))
         ratios = ratios[(ratios >= lo) & (ratios <= hi)].astype(SEARCH_DTYPE)
-        hd = np.einsum("gkk->gk", hp)[:, None, :]  # (G, 1, K)
+        hd = metric.diag[:, None, :]  # (G, 1, K)
         screen = np.empty((len(ratios), g, o), SEARCH_DTYPE)
         for j, r in enumerate(ratios):
             s32 = (base * r).astype(SEARCH_DTYPE)
