@@ -113,6 +113,16 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise ValueError(f"unsupported Constant attribute {a.name}")
 
 
+def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers plus tensors held in node attributes (Constant values)."""
+    out = list(model.graph.initializer)
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                out.append(a.t)
+    return out
+
+
 def attrs(node: onnx.NodeProto) -> dict[str, object]:
     """A node's attributes as plain Python values."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -16,6 +16,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 
 from .config import Config
 from .errors import OnnxlwError
+from .graph import all_tensors
 
 MIN_OPSET = 13
 """QDQ with per-channel axis needs opset 13; older models are converted up to it."""
@@ -107,7 +108,7 @@ def _read_file(path: Path) -> tuple[onnx.ModelProto, str, bool]:
 def _check_external_data(model: onnx.ModelProto, base: Path) -> bool:
     base = base.resolve()
     found = False
-    for t in _tensors(model):
+    for t in all_tensors(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         found = True
@@ -127,17 +128,8 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> bool:
     return found
 
 
-def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    out = list(model.graph.initializer)
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                out.append(a.t)
-    return out
-
-
 def _check_weights_finite(model: onnx.ModelProto) -> None:
-    for t in _tensors(model):
+    for t in all_tensors(model):
         if t.data_type not in (
             onnx.TensorProto.FLOAT,
             onnx.TensorProto.FLOAT16,

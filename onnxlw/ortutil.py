@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .graph import all_tensors
+
 ModelLike = onnx.ModelProto | str | os.PathLike
 
 
@@ -145,7 +147,7 @@ def file_size(path: str | os.PathLike) -> int:
     total = p.stat().st_size
     m = onnx.load(str(p), load_external_data=False)
     seen: set[str] = set()
-    for t in _all_tensors(m):
+    for t in all_tensors(m):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for kv in t.external_data:
                 if kv.key == "location" and kv.value not in seen:
@@ -154,12 +156,3 @@ def file_size(path: str | os.PathLike) -> int:
                     if ext.exists():
                         total += ext.stat().st_size
     return total
-
-
-def _all_tensors(m: onnx.ModelProto) -> list[onnx.TensorProto]:
-    out = list(m.graph.initializer)
-    for n in m.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                out.append(a.t)
-    return out
