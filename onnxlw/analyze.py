@@ -93,7 +93,6 @@ class Analysis:
     qtensors: dict[str, QTensor]
     skips: list[tuple[str, str]] = field(default_factory=list)
     unsupported_ops: list[str] = field(default_factory=list)
-    bn_tensors: tuple[str, ...] = ()
 
     @property
     def active_layers(self) -> list[LayerRecord]:
@@ -145,6 +144,8 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
                 )
             if rec.skip is None and rec.input in view.graph_outputs:
                 rec.skip = "its input is a graph output"
+            if rec.skip is None and view.is_const(rec.input):
+                rec.skip = "its input is a constant"
             rec.is_classifier = rec.op_type != "Conv" and _feeds_output(rec.output, view)
             if rec.skip is None and rec.is_classifier and not quantize_classifier:
                 rec.skip = "classifier left in float (quantize_classifier=False)"
@@ -167,7 +168,7 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
             t = n.output[0]
             if want(t) and t not in q:
                 q[t] = QTensor(t, same_as=_root(n.input[0], q))
-    return Analysis(layers, q, skips, unsupported, tuple(canon.bn_stats))
+    return Analysis(layers, q, skips, unsupported)
 
 
 def _root(t: str, q: dict[str, QTensor]) -> str:

@@ -114,7 +114,7 @@ def _input_range(a: argparse.Namespace) -> tuple[tuple[float, float] | None, str
     return None, ""
 
 
-def _config(a: argparse.Namespace) -> Config:
+def _config(a: argparse.Namespace, input_range: tuple[float, float] | None = None) -> Config:
     return Config(
         weight_bits=a.weight_bits,
         act_bits=a.act_bits,
@@ -127,7 +127,7 @@ def _config(a: argparse.Namespace) -> Config:
         act_range=ActRange(a.act_range),
         bias_correction=BiasCorrection(a.bias_correction),
         quantize_classifier=not a.float_classifier,
-        input_range=_input_range(a)[0],
+        input_range=input_range,
     )
 
 
@@ -151,8 +151,8 @@ def _compress(a: argparse.Namespace) -> int:
                 f"report folder {rfolder} does not exist or is not writable",
                 "pick a writable --report path",
             )
-    config = _config(a)
-    rng_src = _input_range(a)[1]
+    declared, rng_src = _input_range(a)
+    config = _config(a, declared)
     t0 = time.perf_counter()
     if rng_src:
         lo, hi = config.input_range or (0.0, 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +95,14 @@ class Config:
             )
         if self.samples < 2:
             raise OnnxlwError(f"--samples {self.samples} is too small", "use --samples 2 or more")
-        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+        if self.input_range is not None and not (
+            math.isfinite(self.input_range[0])
+            and math.isfinite(self.input_range[1])
+            and self.input_range[0] < self.input_range[1]
+        ):
             raise OnnxlwError(
-                f"--input-range {self.input_range} is empty", "pass LO,HI with LO < HI"
+                f"input range {self.input_range} is empty or not finite",
+                "pass --input-range LO,HI with finite LO < HI (or fix the sidecar's mean/std)",
             )
         if self.seed < 0:
             raise OnnxlwError(f"--seed {self.seed} is negative", "use a seed >= 0")
@@ -141,7 +147,8 @@ def parse_input_range(text: str) -> tuple[float, float]:
         lo, hi = (float(x) for x in text.split(","))
     except ValueError:
         raise OnnxlwError(
-            f"--input-range {text!r} is not of the form LO,HI", "write e.g. --input-range -2.2,2.7"
+            f"--input-range {text!r} is not of the form LO,HI",
+            "write e.g. --input-range=-2.2,2.7 (use '=' when LO is negative)",
         ) from None
     return lo, hi
 
@@ -154,12 +161,24 @@ def range_from_preprocess(pre: dict) -> tuple[float, float] | None:
     """
     import numpy as np
 
-    if "mean255" in pre and "std255" in pre:
-        mean, std, top = np.asarray(pre["mean255"], float), np.asarray(pre["std255"], float), 255.0
-    elif "mean" in pre and "std" in pre:
-        mean, std, top = np.asarray(pre["mean"], float), np.asarray(pre["std"], float), 1.0
-    else:
-        return None
+    try:
+        if "mean255" in pre and "std255" in pre:
+            mean, std, top = (
+                np.asarray(pre["mean255"], float),
+                np.asarray(pre["std255"], float),
+                255.0,
+            )
+        elif "mean" in pre and "std" in pre:
+            mean, std, top = np.asarray(pre["mean"], float), np.asarray(pre["std"], float), 1.0
+        else:
+            return None
+    except (TypeError, ValueError):
+        mean, std, top = np.zeros(1), np.zeros(1), 1.0  # reported as malformed below
+    if mean.shape != std.shape or not np.all(np.isfinite(mean)) or not np.all(std > 0):
+        raise OnnxlwError(
+            "the sidecar's preprocess mean/std are malformed (shapes differ or std <= 0)",
+            "fix the sidecar JSON or pass --input-range LO,HI",
+        )
     lo = float(np.min((0.0 - mean) / std))
     hi = float(np.max((top - mean) / std))
     return lo, hi

@@ -14,6 +14,7 @@ import numpy as np
 
 from .analyze import Analysis, LayerRecord
 from .config import Config
+from .errors import OnnxlwError
 from .graph import GraphView
 from .passes import Canonical
 from .solve.patches import conv_patches, dense_rows
@@ -78,6 +79,12 @@ def solve_plan(
         name, qt = todo[k]
         rng = np.random.default_rng([config.seed, 1, k])
         v = samples.values[name].reshape(-1)
+        if not np.isfinite(v).all():
+            raise OnnxlwError(
+                f"synthesized values of tensor {name!r} contain NaN/Inf (an op upstream is "
+                "undefined on the declared input distribution)",
+                "declare the real input range with --input-range, or report the model",
+            )
         if v.size > RANGE_SAMPLE_LIMIT:
             v = v[rng.integers(0, v.size, RANGE_SAMPLE_LIMIT)]
         r = choose_range(

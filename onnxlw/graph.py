@@ -67,11 +67,17 @@ class GraphView:
         self._const_cache: dict[str, np.ndarray] = {}
 
     def is_const(self, name: str) -> bool:
-        """True when ``name`` is an initializer or the output of a Constant node."""
+        """True when ``name`` is an initializer or a numeric Constant node's output."""
         if name in self.initializers:
             return True
         p = self.producer.get(name)
-        return p is not None and p.op_type == "Constant"
+        return (
+            p is not None
+            and p.op_type == "Constant"
+            and bool(p.attribute)
+            and p.attribute[0].name
+            in ("value", "value_float", "value_floats", "value_int", "value_ints")
+        )
 
     def const(self, name: str) -> np.ndarray:
         """The value of a constant tensor (initializer or Constant node output)."""
@@ -113,6 +119,18 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise ValueError(f"unsupported Constant attribute {a.name}")
 
 
+def used_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, including from inside If/Loop/Scan bodies."""
+    out: set[str] = set()
+    for n in nodes:
+        out.update(i for i in n.input if i)
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in subs:
+                out |= used_names(g.node)
+    return out
+
+
 def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers plus tensors held in node attributes (Constant values)."""
     out = list(model.graph.initializer)
@@ -132,8 +150,6 @@ def rebuild(
     model: onnx.ModelProto,
     nodes: Iterable[onnx.NodeProto],
     initializers: Iterable[onnx.TensorProto],
-    *,
-    keep_value_info: bool = False,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with new nodes and initializers; inputs/outputs/metadata kept.
 
@@ -141,7 +157,7 @@ def rebuild(
     style) are dropped with them.
     """
     nodes = list(nodes)
-    used = {i for n in nodes for i in n.input if i}
+    used = used_names(nodes)
     used.update(o.name for o in model.graph.output)
     inits = [t for t in initializers if t.name in used]
     init_names = {t.name for t in inits}
@@ -153,44 +169,10 @@ def rebuild(
         inputs,
         list(model.graph.output),
         inits,
-        value_info=list(model.graph.value_info) if keep_value_info else [],
+        value_info=[],
         doc_string=model.graph.doc_string,
     )
     m = onnx.ModelProto()
     m.CopyFrom(model)
     m.graph.CopyFrom(g)
     return m
-
-
-def tensor_elem_type(model: onnx.ModelProto, name: str) -> int | None:
-    """ONNX elem type of a tensor from inputs, outputs, value_info or initializers."""
-    g = model.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.name == name:
-            return vi.type.tensor_type.elem_type
-    for t in g.initializer:
-        if t.name == name:
-            return t.data_type
-    return None
-
-
-def value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Shapes known from inputs, outputs and value_info (dim_value, dim_param or None)."""
-    out: dict[str, list[int | str | None]] = {}
-    g = model.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        out[vi.name] = dims
-    for t in g.initializer:
-        out[t.name] = list(t.dims)
-    return out

@@ -44,6 +44,11 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
         model = onnx.ModelProto()
         model.CopyFrom(src)
         source = "<ModelProto>"
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model)):
+            raise OnnxlwError(
+                "the ModelProto references external data that is not loaded",
+                "pass the model's file path instead, or load it with its external data",
+            )
         digest = hashlib.sha256(model.SerializeToString()).hexdigest()
         external = False
     else:
@@ -64,7 +69,7 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
         opset = MIN_OPSET
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise OnnxlwError(f"the model fails onnx.checker: {first}", "fix or re-export it") from None
     model = _infer_shapes(model)
@@ -174,6 +179,11 @@ def _check_input_dims(model: onnx.ModelProto, config: Config) -> None:
                 )
             continue
         dims = tt.shape.dim
+        if len(dims) < 1:
+            raise OnnxlwError(
+                f"input {vi.name!r} is a scalar; synthesis needs a batch dim",
+                "export the model with a batched tensor input",
+            )
         if vi.name in pins:
             pin = pins[vi.name]
             if len(pin) != len(dims) or any(
@@ -221,24 +231,33 @@ def save_atomic(
     if not os.access(folder, os.W_OK):
         raise OnnxlwError(f"output folder {folder} is not writable", "pick a writable -o path")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
+    backup: Path | None = None
+    data_dst = folder / (out.name + ".data")
     try:
         tmp_model = tmpdir / out.name
         if external_data:
-            data_name = out.name + ".data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # save_model with external data rewrites the proto it gets
             onnx.save_model(
-                model,
+                copy,
                 str(tmp_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location=data_name,
+                location=data_dst.name,
                 size_threshold=1024,
             )
-            if (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, folder / data_name)
+            if (tmpdir / data_dst.name).exists():
+                if data_dst.exists():  # keep the previous data until the model is in place
+                    backup = tmpdir / "previous.data"
+                    os.replace(data_dst, backup)
+                os.replace(tmpdir / data_dst.name, data_dst)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, out)
+        backup = None
     except OSError as e:
+        if backup is not None:  # roll the previous output's data back
+            os.replace(backup, data_dst)
         raise OnnxlwError(
             f"could not write {out}: {e.strerror}", "check space and permissions"
         ) from None

@@ -124,7 +124,12 @@ def run_model_batched(
         return session(with_symbolic_batch(model)).run(outputs, feeds), False
     except Exception:  # noqa: BLE001 - the graph hard-codes its batch size
         if n % b0:
-            raise
+            from .errors import OnnxlwError
+
+            raise OnnxlwError(
+                f"the model hard-codes batch size {b0}, which does not divide {n} samples",
+                f"pass --samples as a multiple of {b0}",
+            ) from None
         return run(session(model), feeds, batch=b0) if outputs is None else _chunked(
             session(model), feeds, outputs, b0
         ), True

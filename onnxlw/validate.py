@@ -52,11 +52,14 @@ def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Con
     counts = dict(sorted(collections.Counter(n.op_type for n in opt.graph.node).items()))
 
     rng = np.random.default_rng(config.seed + 2)
-    shapes = input_shapes(reference, config, config.validate_samples)
+    b0 = static_batch(quantized)
+    n = config.validate_samples
+    if b0 and n % b0:
+        n = b0 * -(-n // b0)  # a whole number of the model's fixed batches
+    shapes = input_shapes(reference, config, n)
     feeds = {k: synthetic_input(v, config.input_distribution, rng) for k, v in shapes.items()}
     ref, _ = run_model_batched(reference, feeds)
-    b0 = static_batch(quantized)
-    got = run(qs, feeds, batch=b0 if b0 and b0 != config.validate_samples else 0)
+    got = run(qs, feeds, batch=b0 if b0 and b0 != n else 0)
     sig = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
     err = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got, strict=True))
     sqnr = float(10 * np.log10(sig / err)) if err > 0 else float("inf")
@@ -65,4 +68,4 @@ def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Con
         agree = float(np.mean(ref[0].argmax(1) == got[0].argmax(1)))
     fused = counts.get("QLinearConv", 0)
     fp = counts.get("Conv", 0) + counts.get("FusedConv", 0) + counts.get("NhwcFusedConv", 0)
-    return Validation(fused, fp, counts, sqnr, agree, config.validate_samples)
+    return Validation(fused, fp, counts, sqnr, agree, n)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from ..analyze import Analysis
 from ..driver import QuantPlan, matrix_to_weight
@@ -64,7 +64,7 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         if name not in outputs:
             rewire[name] = dq_out
 
-    layer_inputs: dict[str, tuple[str, str | None]] = {}
+    layer_inputs: dict[str, tuple[str, str]] = {}
     for rec in analysis.active_layers:
         sol = plan.weights[rec.index]
         x_scale = np.float32(plan.act[rec.input].scale)
@@ -133,12 +133,11 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         if n.name in layer_inputs:
             wdq, bdq = layer_inputs[n.name]
             m.input[1] = wdq
-            if n.op_type == "MatMul":
-                pass  # MatMul has no bias input; the bias is added below
-            elif len(m.input) > 2:
-                m.input[2] = bdq or m.input[2]
-            else:
-                m.input.append(bdq)
+            if n.op_type != "MatMul":  # MatMul has no bias input; _matmul_bias adds it
+                if len(m.input) > 2:
+                    m.input[2] = bdq
+                else:
+                    m.input.append(bdq)
         out_nodes.append(m)
         for o in n.output:
             out_nodes.extend(after.get(o, []))
@@ -149,7 +148,7 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
 def _matmul_bias(
     nodes: list[onnx.NodeProto],
     analysis: Analysis,
-    layer_inputs: dict[str, tuple[str, str | None]],
+    layer_inputs: dict[str, tuple[str, str]],
     alloc: NameAllocator,
 ) -> list[onnx.NodeProto]:
     """MatMul has no bias input: add the corrected bias with an Add after it."""
@@ -169,13 +168,4 @@ def _matmul_bias(
             )
         else:
             out.append(n)
-    return out
-
-
-def quantized_dtype_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Initializer element counts by dtype name (for the report)."""
-    out: dict[str, int] = {}
-    for t in model.graph.initializer:
-        key = TensorProto.DataType.Name(t.data_type)
-        out[key] = out.get(key, 0) + int(np.prod(t.dims)) if t.dims else out.get(key, 0) + 1
     return out

@@ -124,12 +124,20 @@ def _unfoldable(prod: onnx.NodeProto | None, bn: onnx.NodeProto, view: GraphView
             continue
         if not view.is_const(i):
             return f"{prod.op_type} input {i!r} is not constant"
-        if any(c is not prod for c in view.consumers[i]):
+        if any(c is not prod for c in view.consumers.get(i, [])):
             return f"weight {i!r} is shared with another node"
+    w = view.const(prod.input[1])
+    if w.dtype != np.float32:
+        return f"weight dtype {w.dtype} is not float32"
     if prod.op_type == "Gemm":
         a = attrs(prod)
         if a.get("transA", 0):
             return "Gemm has transA=1"
+        nout = w.shape[0] if a.get("transB", 0) else w.shape[1]
+        if len(prod.input) > 2 and prod.input[2]:
+            c = view.const(prod.input[2])
+            if c.size not in (1, nout) or (c.size == nout and c.shape not in ((nout,), (1, nout))):
+                return f"Gemm C of shape {list(c.shape)} is not a per-output bias"
     return ""
 
 

@@ -46,7 +46,11 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
                         )
                     )
                     continue
-            if len(n.output) > 1 and n.output[1] and view.consumers.get(n.output[1]):
+            if (
+                len(n.output) > 1
+                and n.output[1]
+                and (view.consumers.get(n.output[1]) or n.output[1] in view.graph_outputs)
+            ):
                 notes.append(Note("drop_noops", "Dropout", where, False, "mask output is used"))
                 continue
         src, dst = resolve(n.input[0]), n.output[0]

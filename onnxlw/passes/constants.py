@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ..graph import GraphView, rebuild
+from ..graph import GraphView, rebuild, used_names
 from .base import Note, PassResult
 
 _NEVER_FOLD = {
@@ -37,7 +37,7 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
     nodes: list[onnx.NodeProto] = []
     notes: list[Note] = []
     folded = 0
-    opset = {o.domain: o.version for o in model.opset_import}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for n in view.nodes:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             consts[n.output[0]] = view.const(n.output[0])
@@ -53,13 +53,13 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
         ):
             values = {i: consts[i] if i in consts else view.const(i) for i in ins}
             if sum(v.size for v in values.values()) <= _MAX_FOLD_ELEMENTS:
-                out = _evaluate(n, values, opset.get("", 13))
-                if out is not None:
+                out = _evaluate(n, values, opset)
+                if out is not None and sum(o.size for o in out) <= _MAX_FOLD_ELEMENTS:
                     consts.update(zip(n.output, out, strict=True))
                     folded += 1
                     continue
         nodes.append(n)
-    used = {i for n in nodes for i in n.input} | set(view.graph_outputs)
+    used = used_names(nodes) | set(view.graph_outputs)
     for name, v in consts.items():
         if name in used and name not in init_names:
             inits.append(numpy_helper.from_array(np.asarray(v), name))

@@ -54,7 +54,8 @@ class WeightSolution:
     ``damping``: relative diagonal load added to H; ``dead_columns``: inputs whose synthetic
     samples were all zero (their weights do not affect the output error).
     ``sqnr_db``: output SQNR of the layer on its samples with the chosen scales, and
-    ``sqnr_minmax_db`` with plain max|w| scales, both from weight quantization alone.
+    ``sqnr_minmax_db`` with the max|w| reference scales (doubled under the u8s8 pair guard), both
+    from weight quantization alone.
     """
 
     q: np.ndarray

@@ -72,7 +72,7 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
     for r in analysis.active_layers:
         if r.input not in wanted:
             wanted.append(r.input)
-    stats = {k: v for k, v in canon.bn_stats.items()}
+    stats = canon.bn_stats
     mode = config.synthesis
     cut_values: dict[str, np.ndarray] = {}
     if mode is Synthesis.GAUSSIAN and stats:
@@ -141,7 +141,10 @@ def _static_shapes(
                 d.Clear()
                 d.dim_value = v
     del m.graph.value_info[:]
-    m = shape_inference.infer_shapes(m, data_prop=True)
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: tensors without a shape are not cut
+        return {}
     out: dict[str, tuple[int, ...]] = {}
     for vi in list(m.graph.value_info) + list(m.graph.output):
         dims = vi.type.tensor_type.shape.dim
@@ -178,7 +181,7 @@ def build_synthesis_model(
         extra_nodes[t] = nodes
         inits += init
         rename[t] = out
-    for t in cut:
+    for t in sorted(cut):
         new = alloc.fresh(t + "__synth")
         rename[t] = new
         new_inputs.append(helper.make_tensor_value_info(new, TensorProto.FLOAT, None))
