@@ -132,12 +132,21 @@ def used_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
 
 
 def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Initializers plus tensors held in node attributes (Constant values)."""
-    out = list(model.graph.initializer)
-    for n in model.graph.node:
+    """Initializers and attribute tensors, including inside If/Loop/Scan bodies."""
+    return _graph_tensors(model.graph)
+
+
+def _graph_tensors(g: onnx.GraphProto) -> list[onnx.TensorProto]:
+    out = list(g.initializer)
+    for n in g.node:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 out.append(a.t)
+            out.extend(a.tensors)
+            if a.type == onnx.AttributeProto.GRAPH:
+                out += _graph_tensors(a.g)
+            for sub in a.graphs:
+                out += _graph_tensors(sub)
     return out
 
 

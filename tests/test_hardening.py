@@ -97,3 +97,31 @@ def test_sidecar_range_is_used_and_announced(
     q = onnx.load(str(tmp_path / "q.onnx"))
     opts = json.loads(next(p.value for p in q.metadata_props if p.key == "onnxlw.options"))
     assert opts["input_range"] == [-2.0, 2.0]
+
+
+def test_external_data_escaping_from_a_subgraph_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tensor inside an If branch may not point outside the model's folder either."""
+    m = _conv_bn()
+    t = numpy_helper.from_array(np.ones(4, np.float32), "k")
+    t.ClearField("float_data")
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="../outside.data")
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["k_out"], value=t)],
+        "then",
+        [],
+        [helper.make_tensor_value_info("k_out", TensorProto.FLOAT, [4])],
+    )
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    m.graph.initializer.append(cond)
+    m.graph.node.append(
+        helper.make_node("If", ["cond"], ["k_if"], then_branch=branch, else_branch=branch)
+    )
+    src = tmp_path / "m.onnx"
+    src.write_bytes(m.SerializeToString())
+    rc = main(["compress", str(src), "-o", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "outside the model's folder" in err[-1]
