@@ -109,21 +109,16 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
         b = view.const_or_none(n.input[1])
         c = view.const_or_none(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         has_c = len(n.input) > 2 and bool(n.input[2])
-        if b is None or a.get("transA", 0):
-            notes.append(
-                Note(
-                    "normalize_gemm",
-                    "Gemm",
-                    where,
-                    False,
-                    "B is not constant" if b is None else "transA=1",
-                )
-            )
+
+        def keep(reason: str, n: onnx.NodeProto = n, where: str = where) -> None:
+            notes.append(Note("normalize_gemm", "Gemm", where, False, reason))
             nodes.append(n)
+
+        if b is None or a.get("transA", 0):
+            keep("B is not constant" if b is None else "transA=1")
             continue
         if has_c and c is None:
-            notes.append(Note("normalize_gemm", "Gemm", where, False, "C is not constant"))
-            nodes.append(n)
+            keep("C is not constant")
             continue
         alpha = float(a.get("alpha", 1.0))
         beta = float(a.get("beta", 1.0))
@@ -132,16 +127,7 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
         nout = w.shape[0]
         if c is not None:
             if c.size not in (1, nout) or (c.ndim == 2 and c.shape[0] != 1):
-                notes.append(
-                    Note(
-                        "normalize_gemm",
-                        "Gemm",
-                        where,
-                        False,
-                        f"C of shape {list(c.shape)} is not a per-output bias",
-                    )
-                )
-                nodes.append(n)
+                keep(f"C of shape {list(c.shape)} is not a per-output bias")
                 continue
             bias = np.broadcast_to(beta * c.reshape(-1), (nout,)).astype(np.float32)
         else:
@@ -153,8 +139,7 @@ def normalize_gemm(model: onnx.ModelProto) -> PassResult:
             and c is not None
             and c.shape == (nout,)
         ):
-            notes.append(Note("normalize_gemm", "Gemm", where, False, "already normal"))
-            nodes.append(n)
+            keep("already normal")
             continue
         wname = alloc.fresh(n.input[1] + "_t" if not a.get("transB", 0) else n.input[1])
         bname = alloc.fresh((n.input[2] if has_c else n.output[0]) + "_bias")
