@@ -140,7 +140,7 @@ def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
                 continue
             if rec.skip is None and rec.input in tainted:
                 rec.skip = "its input passes through an op synthesis cannot run: " + ", ".join(
-                    unsupported
+                    sorted(tainted[rec.input])
                 )
             if rec.skip is None and rec.input in view.graph_outputs:
                 rec.skip = "its input is a graph output"
@@ -185,11 +185,15 @@ def _synth_safe(n: onnx.NodeProto) -> bool:
     return n.domain in ("", "ai.onnx") and n.op_type in SYNTH_SAFE_OPS and n.op_type != "Constant"
 
 
-def _tainted_tensors(view: GraphView) -> set[str]:
-    tainted: set[str] = set()
+def _tainted_tensors(view: GraphView) -> dict[str, frozenset[str]]:
+    """Tensors downstream of an op synthesis cannot run, with the ops responsible."""
+    tainted: dict[str, frozenset[str]] = {}
     for n in view.nodes:
-        if not _synth_safe(n) and n.op_type != "Constant" or any(i in tainted for i in n.input):
-            tainted.update(o for o in n.output if o)
+        why = frozenset().union(*(tainted.get(i, frozenset()) for i in n.input))
+        if not _synth_safe(n) and n.op_type != "Constant":
+            why = why | {_op_id(n)}
+        if why:
+            tainted.update((o, why) for o in n.output if o)
     return tainted
 
 

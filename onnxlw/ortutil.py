@@ -36,21 +36,29 @@ def session(
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def optimized_op_counts(model: ModelLike) -> dict[str, int]:
-    """Op-type counts of the graph onnxruntime actually runs at ORT_ENABLE_ALL.
+def optimized_session(model: ModelLike) -> tuple[ort.InferenceSession, dict[str, int]]:
+    """An ORT_ENABLE_ALL session plus the op-type counts of the graph it actually runs.
 
-    Keys are plain op types (domain dropped), e.g. ``{"QLinearConv": 52, "Conv": 0}``.
+    Count keys are plain op types (domain dropped), e.g. ``{"QLinearConv": 52}``.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "opt.onnx")
-        if isinstance(model, onnx.ModelProto):
-            src: ModelLike = model
-        else:
-            src = str(model)
-        session(src, optimized_path=path)
+        src = model if isinstance(model, onnx.ModelProto) else str(model)
+        sess = session(src, optimized_path=path)
         opt = onnx.load(path, load_external_data=False)
     counts = collections.Counter(n.op_type for n in opt.graph.node)
-    return dict(sorted(counts.items()))
+    return sess, dict(sorted(counts.items()))
+
+
+def optimized_op_counts(model: ModelLike) -> dict[str, int]:
+    """Op-type counts of the graph onnxruntime actually runs at ORT_ENABLE_ALL."""
+    return optimized_session(model)[1]
+
+
+def conv_counts(counts: dict[str, int]) -> tuple[int, int]:
+    """(integer convs, float convs) from optimized-graph op counts."""
+    fp = counts.get("Conv", 0) + counts.get("FusedConv", 0) + counts.get("NhwcFusedConv", 0)
+    return counts.get("QLinearConv", 0), fp
 
 
 def fused_conv_counts(model: ModelLike) -> tuple[int, int]:
@@ -59,22 +67,22 @@ def fused_conv_counts(model: ModelLike) -> tuple[int, int]:
     Integer convs are ``QLinearConv`` (any domain, NCHW or NHWC); float convs are ``Conv``,
     ``FusedConv`` and ``NhwcFusedConv``.
     """
-    c = optimized_op_counts(model)
-    fused = c.get("QLinearConv", 0)
-    fp = c.get("Conv", 0) + c.get("FusedConv", 0) + c.get("NhwcFusedConv", 0)
-    return fused, fp
+    return conv_counts(optimized_op_counts(model))
 
 
 def run(
-    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 0
+    sess: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    batch: int = 0,
+    outputs: list[str] | None = None,
 ) -> list[np.ndarray]:
     """Run a session, optionally in chunks of ``batch`` along axis 0 of every feed."""
     if not batch:
-        return sess.run(None, feeds)
+        return sess.run(outputs, feeds)
     n = next(iter(feeds.values())).shape[0]
     parts: list[list[np.ndarray]] = []
     for i in range(0, n, batch):
-        parts.append(sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()}))
+        parts.append(sess.run(outputs, {k: v[i : i + batch] for k, v in feeds.items()}))
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
@@ -130,20 +138,7 @@ def run_model_batched(
                 f"the model hard-codes batch size {b0}, which does not divide {n} samples",
                 f"pass --samples as a multiple of {b0}",
             ) from None
-        return run(session(model), feeds, batch=b0) if outputs is None else _chunked(
-            session(model), feeds, outputs, b0
-        ), True
-
-
-def _chunked(
-    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str], batch: int
-) -> list[np.ndarray]:
-    n = next(iter(feeds.values())).shape[0]
-    parts = [
-        sess.run(outputs, {k: v[i : i + batch] for k, v in feeds.items()})
-        for i in range(0, n, batch)
-    ]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
+        return run(session(model), feeds, batch=b0, outputs=outputs), True
 
 
 def file_size(path: str | os.PathLike) -> int:

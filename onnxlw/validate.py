@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -12,7 +9,7 @@ import onnx
 
 from .config import Config
 from .errors import OnnxlwError
-from .ortutil import run, run_model_batched, session, static_batch
+from .ortutil import conv_counts, optimized_session, run, run_model_batched, static_batch
 from .synth import input_shapes
 from .synth.inputs import synthetic_input
 
@@ -38,18 +35,14 @@ def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Con
 
     Inputs are seeded synthetic draws of the declared input distribution.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        opt_path = os.path.join(tmp, "optimized.onnx")
-        try:
-            qs = session(quantized, optimized_path=opt_path)
-        except Exception as e:  # noqa: BLE001 - ORT raises several types
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OnnxlwError(
-                f"the compressed model does not load in onnxruntime: {msg}",
-                "rerun with -v and report it; no output was written",
-            ) from None
-        opt = onnx.load(opt_path, load_external_data=False)
-    counts = dict(sorted(collections.Counter(n.op_type for n in opt.graph.node).items()))
+    try:
+        qs, counts = optimized_session(quantized)
+    except Exception as e:  # noqa: BLE001 - ORT raises several types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxlwError(
+            f"the compressed model does not load in onnxruntime: {msg}",
+            "rerun with -v and report it; no output was written",
+        ) from None
 
     rng = np.random.default_rng(config.seed + 2)
     b0 = static_batch(quantized)
@@ -66,6 +59,5 @@ def validate(quantized: onnx.ModelProto, reference: onnx.ModelProto, config: Con
     agree = None
     if ref[0].ndim == 2 and ref[0].shape[1] > 1:
         agree = float(np.mean(ref[0].argmax(1) == got[0].argmax(1)))
-    fused = counts.get("QLinearConv", 0)
-    fp = counts.get("Conv", 0) + counts.get("FusedConv", 0) + counts.get("NhwcFusedConv", 0)
+    fused, fp = conv_counts(counts)
     return Validation(fused, fp, counts, sqnr, agree, n)
