@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .errors import OnnxlwError
 
 
@@ -159,8 +161,6 @@ def range_from_preprocess(pre: dict) -> tuple[float, float] | None:
     Knows ``mean255``/``std255`` (per channel, 0..255 units) and scalar or per-channel
     ``mean``/``std`` (0..1 units). Returns None when the keys are absent.
     """
-    import numpy as np
-
     try:
         if "mean255" in pre and "std255" in pre:
             mean, std, top = (

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .errors import OnnxlwError
 from .graph import all_tensors
 
 ModelLike = onnx.ModelProto | str | os.PathLike
@@ -132,8 +133,6 @@ def run_model_batched(
         return session(with_symbolic_batch(model)).run(outputs, feeds), False
     except Exception:  # noqa: BLE001 - the graph hard-codes its batch size
         if n % b0:
-            from .errors import OnnxlwError
-
             raise OnnxlwError(
                 f"the model hard-codes batch size {b0}, which does not divide {n} samples",
                 f"pass --samples as a multiple of {b0}",

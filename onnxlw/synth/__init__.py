@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..analyze import Analysis
 from ..config import Config, Synthesis
+from ..errors import OnnxlwError
 from ..graph import GraphView, NameAllocator
 from ..io import default_opset
 from ..ortutil import run_model_batched
@@ -66,7 +67,10 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
     for name, shape in shapes.items():
         et = _elem_type(model, name)
         if et != TensorProto.FLOAT:
-            raise_unsupported_input(name, et)
+            raise OnnxlwError(
+                f"input {name!r} has element type {et}, synthesis needs float32",
+                "export the model with a float32 image input",
+            )
         feeds[name] = synthetic_input(shape, config.input_distribution, rng)
     wanted = [t for t in analysis.qtensors if analysis.qtensors[t].same_as is None]
     for r in analysis.active_layers:
@@ -110,16 +114,6 @@ def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
     if chunked:  # a graph with a hard-coded batch: each image was matched on its own
         fallback = (fallback + "+" if fallback else "") + "per-image-batches"
     return Samples(out, feeds, mode.value, fallback)
-
-
-def raise_unsupported_input(name: str, elem_type: int | None) -> None:
-    """Refuse a non-float graph input (synthesis draws float values)."""
-    from ..errors import OnnxlwError
-
-    raise OnnxlwError(
-        f"input {name!r} has element type {elem_type}, synthesis needs float32",
-        "export the model with a float32 image input",
-    )
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
