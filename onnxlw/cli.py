@@ -132,18 +132,14 @@ def _config(a: argparse.Namespace, input_range: tuple[float, float] | None = Non
 
 
 def _compress(a: argparse.Namespace) -> int:
-    from .io import save_atomic
+    from .io import check_output_folder, save_atomic
     from .ortutil import file_size
     from .pipeline import compress
 
     src, dst = Path(a.input), Path(a.output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve() and not a.force:
         raise OnnxlwError(f"-o {dst} is the input file", "write elsewhere, or pass --force")
-    folder = dst.parent if str(dst.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxlwError(f"output folder {folder} does not exist", "create it or pick another -o")
-    if not os.access(folder, os.W_OK):
-        raise OnnxlwError(f"output folder {folder} is not writable", "pick a writable -o path")
+    check_output_folder(dst)  # before the work, not only when saving
     if a.report:
         rfolder = Path(a.report).parent if str(Path(a.report).parent) else Path(".")
         if not rfolder.is_dir() or not os.access(rfolder, os.W_OK):

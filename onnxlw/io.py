@@ -216,6 +216,17 @@ def _dims_text(dims) -> str:  # noqa: ANN001 - protobuf repeated field
     )
 
 
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """The folder ``out`` will be written in; OnnxlwError unless it exists and is writable."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxlwError(f"output folder {folder} does not exist", "create it or pick another -o")
+    if not os.access(folder, os.W_OK):
+        raise OnnxlwError(f"output folder {folder} is not writable", "pick a writable -o path")
+    return folder
+
+
 def save_atomic(
     model: onnx.ModelProto, out: str | os.PathLike, *, external_data: bool = False
 ) -> None:
@@ -225,11 +236,7 @@ def save_atomic(
     place only after everything was written. Nothing partial is left behind on failure.
     """
     out = Path(out)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxlwError(f"output folder {folder} does not exist", "create it or pick another -o")
-    if not os.access(folder, os.W_OK):
-        raise OnnxlwError(f"output folder {folder} is not writable", "pick a writable -o path")
+    folder = check_output_folder(out)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
     backup: Path | None = None
     data_dst = folder / (out.name + ".data")
