@@ -1,180 +1,155 @@
-"""Find the compressible layers, the activation tensors to quantize, and their sources.
+"""Find the compressible layers, what synthesis can run, and each layer's distribution sources.
 
 Analysis creates the records every later stage uses: a layer is identified by its
-:class:`LayerRecord` (index and node name), never by tensor-name conventions.
+:class:`~onnxlw.ops.LayerRecord` (index and node name), never by tensor-name conventions.
+Where activations get Q/DQ pairs is a backend fact (:mod:`onnxlw.targets.ort_cpu`).
+Every Conv/Gemm/MatMul of the graph gets a record; one that is not compressed carries the
+reason.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
+from onnx import shape_inference
 
-from .graph import GraphView, attrs
+from .graph import GraphView
+from .ops import OPS, ConvGeom, LayerRecord
 from .passes import Canonical
+from .targets import ort_cpu
+from .targets.ort_cpu import QTensor
 
-SYNTH_SAFE_OPS = frozenset(
-    """Conv ConvTranspose Gemm MatMul BatchNormalization Relu Clip LeakyRelu PRelu Sigmoid
-    HardSigmoid HardSwish Tanh Elu Selu Celu Softplus Softsign Mish Gelu Erf Mul Add Sub Div Pow
-    Sqrt Neg Abs Exp Log Reciprocal Min Max Mean Sum Concat Split Slice GlobalAveragePool
-    GlobalMaxPool AveragePool MaxPool LpPool Pad Reshape Flatten Squeeze Unsqueeze Transpose
-    Shape Size Gather Cast Identity Resize Upsample ReduceMean ReduceMax ReduceMin ReduceSum
-    Softmax LogSoftmax Expand Tile Where Equal Greater Less Not And Or ConstantOfShape
-    DepthToSpace SpaceToDepth InstanceNormalization LRN Floor Ceil Round Sign ArgMax
+__all__ = ["Analysis", "ConvGeom", "LayerRecord", "QTensor", "analyze"]
+
+UNSYNTHESIZABLE_OPS = frozenset(
+    """RandomNormal RandomUniform RandomNormalLike RandomUniformLike Multinomial Bernoulli
     """.split()
 )
-"""Deterministic standard ops that the synthesis run executes exactly (default domain)."""
+"""Standard ops whose output is not a function of their inputs: synthesis cannot match them.
+Every other op of the default domain runs in the synthesis session as in FP32."""
 
-PASS_THROUGH_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool"})
-"""Ops whose output keeps its input's quantization parameters (ORT drops their Q/DQ pair)."""
-
-QUANT_IO_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
-"""Non-layer ops run in integer arithmetic by ORT when their inputs and output are quantized."""
-
-
-@dataclass(frozen=True)
-class ConvGeom:
-    """Convolution geometry of a 2-D Conv layer."""
-
-    group: int
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
-    dilations: tuple[int, int]
-
-
-@dataclass
-class LayerRecord:
-    """One compressible layer. Created once by analysis; referred to by ``index``."""
-
-    index: int
-    node: str
-    op_type: str  # Conv | Gemm | MatMul
-    input: str
-    output: str
-    weight: str
-    bias: str | None
-    weight_shape: tuple[int, ...]
-    geom: ConvGeom | None
-    sources: tuple[str, ...]
-    out_axis: int  # output-channel axis of the weight tensor (0 for Conv/Gemm, 1 for MatMul)
-    is_classifier: bool = False
-    skip: str | None = None
-
-    @property
-    def params(self) -> int:
-        """Number of weights."""
-        return int(np.prod(self.weight_shape))
-
-
-@dataclass
-class QTensor:
-    """An activation tensor that gets a Q/DQ pair.
-
-    ``lo_bound``/``hi_bound`` come from an absorbed Relu/Clip (the range must lie within).
-    ``same_as`` names the tensor whose parameters a pass-through output reuses.
-    ``pre`` is the pre-activation tensor the Q reads when the activation node is absorbed.
-    """
-
-    name: str
-    lo_bound: float | None = None
-    hi_bound: float | None = None
-    same_as: str | None = None
-    pre: str | None = None
-    absorbed_node: str | None = None
+INT_OUTPUT_OPS = frozenset(
+    "Shape Size NonZero ArgMax ArgMin TopK NonMaxSuppression Equal Greater Less GreaterOrEqual "
+    "LessOrEqual Not And Or Xor IsNaN IsInf".split()
+)
 
 
 @dataclass
 class Analysis:
-    """Result of analysis: layers, activation tensors to quantize, skips and barriers."""
+    """Result of analysis: layers, activation tensors to quantize, skips and notes."""
 
     layers: list[LayerRecord]
     qtensors: dict[str, QTensor]
     skips: list[tuple[str, str]] = field(default_factory=list)
     unsupported_ops: list[str] = field(default_factory=list)
+    float_outputs: list[tuple[str, str]] = field(default_factory=list)
+    """(tensor, reason) for layer outputs deliberately left in float."""
 
     @property
     def active_layers(self) -> list[LayerRecord]:
-        """Layers that will be quantized."""
+        """Layers that will be compressed."""
         return [r for r in self.layers if r.skip is None]
 
 
-def analyze(canon: Canonical, *, quantize_classifier: bool = True) -> Analysis:
+def analyze(
+    canon: Canonical,
+    *,
+    quantize_classifier: bool = True,
+    exclude: tuple[str, ...] = (),
+    float_heads: bool = True,
+) -> Analysis:
     """Walk the canonical graph once and build every record later stages need."""
     model = canon.model
     view = GraphView(model)
     tainted = _tainted_tensors(view)
     unsupported = sorted({_op_id(n) for n in view.nodes if not _synth_safe(n)})
+    floats = float_tensors(model, view)
     layers: list[LayerRecord] = []
-    skips: list[tuple[str, str]] = []
-    q: dict[str, QTensor] = {}
-    outputs = set(view.graph_outputs)
-
-    def want(t: str, allow_output: bool = False) -> bool:
-        return (
-            bool(t)
-            and not view.is_const(t)
-            and (allow_output or t not in outputs)
-            and t not in tainted
-        )
-
-    def add_output(t: str, allow_output: bool = False) -> None:
-        """Quantize a layer's output (or the Relu/Clip after it). ``allow_output``: also
-        when it is a graph output (a Conv must end in a Q to fuse)."""
-        if not want(t, allow_output) or t in q:
-            return
-        act = view.single_consumer(t)
-        bounds = _absorbable(act, view) if act is not None else None
-        if act is not None and bounds is not None and want(act.output[0], allow_output):
-            q[act.output[0]] = QTensor(
-                act.output[0], bounds[0], bounds[1], pre=t, absorbed_node=act.name
-            )
-        else:
-            q[t] = QTensor(t)
-
     for n in view.nodes:
-        if n.op_type in ("Conv", "Gemm", "MatMul") and n.domain in ("", "ai.onnx"):
-            rec = _layer_record(n, len(layers), view, canon)
-            if rec is None:
-                continue
-            if rec.skip is None and rec.input in tainted:
-                rec.skip = "its input passes through an op synthesis cannot run: " + ", ".join(
-                    sorted(tainted[rec.input])
-                )
-            if rec.skip is None and rec.input in view.graph_outputs:
-                rec.skip = "its input is a graph output"
-            if rec.skip is None and view.is_const(rec.input):
-                rec.skip = "its input is a constant"
-            rec.is_classifier = rec.op_type != "Conv" and _feeds_output(rec.output, view)
-            if rec.skip is None and rec.is_classifier and not quantize_classifier:
-                rec.skip = "classifier left in float (quantize_classifier=False)"
-            layers.append(rec)
-            if rec.skip is not None:
-                skips.append((rec.node, rec.skip))
-                continue
+        if n.op_type not in OPS or n.domain not in ("", "ai.onnx"):
+            continue
+        rec = _record(n, len(layers), view)
+        if rec.skip is None and rec.input in tainted:
+            rec.skip = "its input passes through an op synthesis cannot run: " + ", ".join(
+                sorted(tainted[rec.input])
+            )
+        if rec.skip is None and rec.input in view.graph_outputs:
+            rec.skip = "its input is a graph output"
+        if rec.skip is None and view.is_const(rec.input):
+            rec.skip = "its input is a constant"
+        if rec.skip is None and rec.input not in floats:
+            rec.skip = "its input is not a float32 tensor"
+        rec.is_classifier = rec.op_type != "Conv" and _feeds_output(rec.output, view)
+        if rec.skip is None and rec.is_classifier and not quantize_classifier:
+            rec.skip = "classifier left in float (quantize_classifier=False)"
+        if rec.skip is None and exclude:
+            hit = next(
+                (
+                    p
+                    for p in exclude
+                    if any(fnmatch.fnmatchcase(s, p) for s in (rec.node, rec.weight, rec.op_type))
+                ),
+                None,
+            )
+            if hit is not None:
+                rec.skip = f"excluded by pattern {hit!r}"
+        if rec.skip is None:
             rec.sources = _sources(rec.input, view, set(canon.bn_stats))
-            q.setdefault(rec.input, QTensor(rec.input))
-            add_output(rec.output, allow_output=rec.op_type == "Conv")
-        elif n.op_type in QUANT_IO_OPS:
-            ins = [i for i in n.input[: (None if n.op_type == "Concat" else 2)] if i]
-            if n.op_type == "Add" and (len(ins) != 2 or any(view.is_const(i) for i in ins)):
+        layers.append(rec)
+    skips = [(r.node, r.skip) for r in layers if r.skip is not None]
+    is_act = {t for t in floats if t not in tainted}
+    float_outputs: list[tuple[str, str]] = []
+    q = ort_cpu.activation_plan(view, layers, is_act, float_outputs, heads=float_heads)
+    return Analysis(layers, q, skips, unsupported, float_outputs)
+
+
+def _record(n: onnx.NodeProto, index: int, view: GraphView) -> LayerRecord:
+    """The op registry's record, or a record that says why the weight is not usable."""
+    adapter = OPS[n.op_type]
+    if len(n.input) >= 2 and view.is_const(n.input[1]):
+        return adapter.record(n, index, view)
+    w = n.input[1] if len(n.input) > 1 else ""
+    p = view.producer.get(w)
+    why = (
+        f"its weight is computed at run time by {p.op_type} {p.name!r}"
+        + (" (an already quantized model? pass the FP32 model)" if p.op_type == "DequantizeLinear"
+           else " (not folded: too large or not constant)")
+        if p is not None
+        else "its weight is a graph input, not a constant"
+    )
+    return LayerRecord(
+        index, n.name, n.op_type, n.input[0], n.output[0], w, None, (), None, (),
+        adapter.out_axis, skip=why,
+    )
+
+
+def float_tensors(model: onnx.ModelProto, view: GraphView) -> set[str]:
+    """Names of float32 tensors (by shape inference, else by the producing op)."""
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        types = {
+            vi.name: vi.type.tensor_type.elem_type
+            for vi in list(inferred.graph.value_info)
+            + list(inferred.graph.input)
+            + list(inferred.graph.output)
+        }
+    except Exception:  # noqa: BLE001 - best effort; fall back to the op rule
+        types = {}
+    out: set[str] = set()
+    for vi in model.graph.input:
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            out.add(vi.name)
+    for n in view.nodes:
+        for o in n.output:
+            if not o:
                 continue
-            if all(want(i) for i in ins) and want(n.output[0]):
-                for i in ins:
-                    q.setdefault(i, QTensor(i))
-                add_output(n.output[0])
-        elif n.op_type in PASS_THROUGH_OPS and n.input and n.input[0] in q:
-            t = n.output[0]
-            if want(t) and t not in q:
-                q[t] = QTensor(t, same_as=_root(n.input[0], q))
-    return Analysis(layers, q, skips, unsupported)
-
-
-def _root(t: str, q: dict[str, QTensor]) -> str:
-    while q[t].same_as is not None:
-        t = q[t].same_as  # type: ignore[assignment]
-    return t
+            t = types.get(o, 0)
+            if t == onnx.TensorProto.FLOAT or (t == 0 and n.op_type not in INT_OUTPUT_OPS
+                                               and n.op_type != "Cast"):
+                out.add(o)
+    return out
 
 
 def _op_id(n: onnx.NodeProto) -> str:
@@ -182,7 +157,7 @@ def _op_id(n: onnx.NodeProto) -> str:
 
 
 def _synth_safe(n: onnx.NodeProto) -> bool:
-    return n.domain in ("", "ai.onnx") and n.op_type in SYNTH_SAFE_OPS and n.op_type != "Constant"
+    return n.domain in ("", "ai.onnx") and n.op_type not in UNSYNTHESIZABLE_OPS
 
 
 def _tainted_tensors(view: GraphView) -> dict[str, frozenset[str]]:
@@ -190,26 +165,11 @@ def _tainted_tensors(view: GraphView) -> dict[str, frozenset[str]]:
     tainted: dict[str, frozenset[str]] = {}
     for n in view.nodes:
         why = frozenset().union(*(tainted.get(i, frozenset()) for i in n.input))
-        if not _synth_safe(n) and n.op_type != "Constant":
+        if not _synth_safe(n):
             why = why | {_op_id(n)}
         if why:
             tainted.update((o, why) for o in n.output if o)
     return tainted
-
-
-def _absorbable(act: onnx.NodeProto, view: GraphView) -> tuple[float, float] | None:
-    """(lo, hi) if ``act`` is Relu or Clip with a lower bound of 0 (its Q can replace it)."""
-    if act.op_type == "Relu":
-        return 0.0, float("inf")
-    if act.op_type != "Clip":
-        return None
-    lo = view.const_or_none(act.input[1]) if len(act.input) > 1 and act.input[1] else None
-    hi = view.const_or_none(act.input[2]) if len(act.input) > 2 and act.input[2] else None
-    if lo is None or float(lo) != 0.0:
-        return None
-    if len(act.input) > 2 and act.input[2] and hi is None:
-        return None
-    return 0.0, float(hi) if hi is not None else float("inf")
 
 
 def _feeds_output(t: str, view: GraphView) -> bool:
@@ -258,62 +218,3 @@ def _sources(t: str, view: GraphView, bn: set[str]) -> tuple[str, ...]:
         )
         stack.extend(i for i in data_inputs if i and not view.is_const(i))
     return tuple(sorted(set(found)))
-
-
-def _layer_record(
-    n: onnx.NodeProto, index: int, view: GraphView, canon: Canonical
-) -> LayerRecord | None:
-    a = attrs(n)
-    if len(n.input) < 2 or not view.is_const(n.input[1]):
-        return None
-    w = view.const(n.input[1])
-    bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
-    skip = None
-    geom = None
-    out_axis = 0
-    if w.dtype != np.float32:
-        skip = f"weight dtype {w.dtype} is not float32"
-    if n.op_type == "Conv":
-        if w.ndim != 4:
-            skip = skip or f"{w.ndim - 2}-D convolution (only 2-D is supported)"
-        elif a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            skip = skip or "auto_pad is set"
-        else:
-            k = tuple(int(x) for x in a.get("kernel_shape", w.shape[2:]))
-            geom = ConvGeom(
-                int(a.get("group", 1)),
-                (k[0], k[1]),
-                tuple(int(x) for x in a.get("strides", [1, 1])),  # type: ignore[arg-type]
-                tuple(int(x) for x in a.get("pads", [0, 0, 0, 0])),  # type: ignore[arg-type]
-                tuple(int(x) for x in a.get("dilations", [1, 1])),  # type: ignore[arg-type]
-            )
-    elif n.op_type == "Gemm":
-        if (
-            a.get("transA", 0)
-            or not a.get("transB", 0)
-            or a.get("alpha", 1.0) != 1.0
-            or a.get("beta", 1.0) != 1.0
-        ):
-            skip = skip or "Gemm is not in normal form (alpha=beta=1, transB=1)"
-        if bias is not None and (view.const_or_none(bias) is None or view.const(bias).ndim != 1):
-            skip = skip or "Gemm bias is not a constant vector"
-    elif n.op_type == "MatMul":
-        if w.ndim != 2:
-            skip = skip or "MatMul weight is not a matrix"
-        out_axis = 1
-    if bias is not None and not view.is_const(bias):
-        skip = skip or "bias is not constant"
-    return LayerRecord(
-        index,
-        n.name,
-        n.op_type,
-        n.input[0],
-        n.output[0],
-        n.input[1],
-        bias,
-        tuple(w.shape),
-        geom,
-        (),
-        out_axis,
-        skip=skip,
-    )

@@ -78,6 +78,9 @@ class Config:
     bias_correction: BiasCorrection = BiasCorrection.FULL
     quantize_classifier: bool = True
     """Quantize Gemm/MatMul layers whose output is a graph output."""
+    float_heads: bool = True
+    """Keep the outputs of head convs (those reaching a graph output through shape, Sigmoid or
+    Softmax ops) in float: synthetic inputs do not produce the tails real inputs do there."""
     workers: int = 2
     """Threads for the independent layer solves (results do not depend on it)."""
     saturation_guard: bool = True
@@ -86,17 +89,33 @@ class Config:
     """Synthetic inputs used to compare the output with the original in ``validate``."""
     max_positions: int = 4096
     """Input positions sampled per layer for the weight solve (columns of im2col)."""
+    sidecar: bool = True
+    """Without ``input_range``, read the declared range from the preprocessing sidecar
+    ``<model>.json`` next to a model file (``preprocess`` mean/std of 0..255 pixels)."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns (fnmatch) on layer node names, weight names or op types: matching layers
+    stay in float."""
+    executor: str = "threads"
+    """Where layer solves run: ``threads`` or ``processes`` (results do not depend on it)."""
+    fail_under_db: float | None = None
+    """Raise an error when the validation SQNR of the output is below this (dB)."""
+    memory_budget_mb: int = 96
+    """Synthesized activations held at once (MB); synthesis runs in segments beyond it."""
 
     def __post_init__(self) -> None:
-        if not 2 <= self.weight_bits <= 8:
-            raise OnnxlwError(f"--weight-bits {self.weight_bits} is out of range", "use 2..8")
+        if self.weight_bits != 8:
+            raise OnnxlwError(
+                f"weight_bits={self.weight_bits} is not supported yet (it would be stored as "
+                "int8, as large as 8 bits)",
+                "use 8 bits (low-bit weights are on the roadmap)",
+            )
         if self.act_bits != 8:
             raise OnnxlwError(
-                f"--act-bits {self.act_bits} is not supported yet",
+                f"act_bits={self.act_bits} is not supported yet",
                 "use --act-bits 8 (onnxruntime fuses only 8-bit activations)",
             )
         if self.samples < 2:
-            raise OnnxlwError(f"--samples {self.samples} is too small", "use --samples 2 or more")
+            raise OnnxlwError(f"samples={self.samples} is too small", "use 2 or more samples")
         if self.input_range is not None and not (
             math.isfinite(self.input_range[0])
             and math.isfinite(self.input_range[1])
@@ -104,10 +123,16 @@ class Config:
         ):
             raise OnnxlwError(
                 f"input range {self.input_range} is empty or not finite",
-                "pass --input-range LO,HI with finite LO < HI (or fix the sidecar's mean/std)",
+                "declare a range LO,HI with finite LO < HI (or fix the sidecar's mean/std)",
             )
         if self.seed < 0:
-            raise OnnxlwError(f"--seed {self.seed} is negative", "use a seed >= 0")
+            raise OnnxlwError(f"seed={self.seed} is negative", "use a seed >= 0")
+        if self.executor not in ("threads", "processes"):
+            raise OnnxlwError(
+                f"executor={self.executor!r} is unknown", "use 'threads' or 'processes'"
+            )
+        if self.workers < 1:
+            raise OnnxlwError(f"workers={self.workers} is too small", "use 1 or more workers")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of the options (enums as their values)."""
@@ -118,7 +143,7 @@ class Config:
                 v = v.value
             elif f.name == "input_shapes":
                 v = {name: list(dims) for name, dims in v}
-            elif f.name == "input_range" and v is not None:
+            elif f.name in ("input_range", "exclude") and v is not None:
                 v = list(v)
             out[f.name] = v
         return out
@@ -135,7 +160,7 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         shape = tuple(int(d) for d in dims.split(","))
     except ValueError:
         shape = ()
-    if not sep or not name or not shape or any(d <= 0 for d in shape):
+    if not sep or not name or not shape or any(d < -1 for d in shape):
         raise OnnxlwError(
             f"--input-shape {text!r} is not of the form NAME:D1,D2,...",
             "write e.g. --input-shape input:1,3,224,224",
@@ -144,9 +169,9 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def parse_input_range(text: str) -> tuple[float, float]:
-    """Parse ``LO,HI`` into floats."""
+    """Parse ``LO,HI`` or ``[LO,HI]`` into floats."""
     try:
-        lo, hi = (float(x) for x in text.split(","))
+        lo, hi = (float(x) for x in text.strip().strip("[]").split(","))
     except ValueError:
         raise OnnxlwError(
             f"--input-range {text!r} is not of the form LO,HI",

@@ -17,6 +17,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 from .config import Config
 from .errors import OnnxlwError
 from .graph import all_tensors
+from .inputspec import InputSpec, input_spec
 
 MIN_OPSET = 13
 """QDQ with per-channel axis needs opset 13; older models are converted up to it."""
@@ -31,7 +32,10 @@ class LoadedModel:
     sha256: str
     opset: int
     external_data: bool
+    inputs: InputSpec
     notes: list[str] = field(default_factory=list)
+    path: Path | None = None
+    """The model file (None for a ModelProto), for sessions of models over 2 GB."""
 
 
 def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedModel:
@@ -51,11 +55,13 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
             )
         digest = hashlib.sha256(model.SerializeToString()).hexdigest()
         external = False
+        path = None
     else:
         path = Path(src)
         source = str(path)
         model, digest, external = _read_file(path)
     _check_weights_finite(model)
+    declared_outputs = [_copy(o) for o in model.graph.output]
     opset = default_opset(model)
     if opset < MIN_OPSET:
         try:
@@ -67,14 +73,75 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
             ) from None
         notes.append(f"converted opset {opset} -> {MIN_OPSET} (QDQ per-channel needs 13)")
         opset = MIN_OPSET
+    min_ir = onnx.helper.find_min_ir_version_for(
+        [o for o in model.opset_import if o.domain in ("", "ai.onnx")], ignore_unknown=True
+    )
+    if model.ir_version < min_ir:
+        notes.append(f"raised IR version {model.ir_version} -> {min_ir} (opset {opset} needs it)")
+        model.ir_version = min_ir
+    model, repaired = _repair_outputs(model)
+    if repaired:
+        notes.append(
+            "graph outputs without a type or shape were repaired by shape inference: "
+            + ", ".join(repaired)
+        )
+        declared_outputs = [_copy(o) for o in model.graph.output]
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise OnnxlwError(f"the model fails onnx.checker: {first}", "fix or re-export it") from None
     model = _infer_shapes(model)
-    _check_input_dims(model, config)
-    return LoadedModel(model, source, digest, opset, external, notes)
+    # Shape inference may rewrite symbolic output dims into concrete ones: keep the outputs
+    # exactly as declared.
+    del model.graph.output[:]
+    model.graph.output.extend(declared_outputs)
+    spec = input_spec(model, config, path)
+    return LoadedModel(model, source, digest, opset, external, spec, notes, path)
+
+
+def _copy(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(vi)
+    return out
+
+
+def _repair_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Fill in graph outputs whose ValueInfo lacks an element type or a shape field.
+
+    onnxruntime runs such models but ``onnx.checker`` refuses them (Paddle exports do this).
+    The type and shape come from shape inference; a dim it cannot infer stays unknown.
+    """
+    broken = [
+        o.name
+        for o in model.graph.output
+        if not o.type.HasField("tensor_type")
+        or o.type.tensor_type.elem_type == 0
+        or not o.type.tensor_type.HasField("shape")
+    ]
+    if not broken:
+        return model, []
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for o in probe.graph.output:
+        if o.name in broken:
+            o.type.Clear()
+    try:
+        inferred = shape_inference.infer_shapes(probe, strict_mode=False)
+    except Exception:  # noqa: BLE001 - best effort; the checker reports what stays broken
+        return model, []
+    found = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    repaired = []
+    for o in model.graph.output:
+        if o.name not in broken:
+            continue
+        vi = found.get(o.name)
+        if vi is not None and vi.type.tensor_type.elem_type:
+            o.type.CopyFrom(vi.type)
+            if not o.type.tensor_type.HasField("shape"):
+                o.type.tensor_type.shape.SetInParent()
+            repaired.append(o.name)
+    return model, repaired
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -155,65 +222,6 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is a best effort here
         return model
-
-
-def _check_input_dims(model: onnx.ModelProto, config: Config) -> None:
-    inits = {t.name for t in model.graph.initializer}
-    pins = config.input_shape_map()
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    for name in pins:
-        if name not in names:
-            raise OnnxlwError(
-                f"--input-shape names {name!r}, which is not a graph input",
-                f"use one of: {', '.join(names)}",
-            )
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            if vi.name not in pins:
-                raise OnnxlwError(
-                    f"input {vi.name!r} has no shape",
-                    f"pass --input-shape {vi.name}:1,3,224,224 (your model's shape)",
-                )
-            continue
-        dims = tt.shape.dim
-        if len(dims) < 1:
-            raise OnnxlwError(
-                f"input {vi.name!r} is a scalar; synthesis needs a batch dim",
-                "export the model with a batched tensor input",
-            )
-        if vi.name in pins:
-            pin = pins[vi.name]
-            if len(pin) != len(dims) or any(
-                d.HasField("dim_value") and d.dim_value != p for d, p in zip(dims, pin, strict=True)
-            ):
-                raise OnnxlwError(
-                    f"--input-shape {vi.name}:{','.join(map(str, pin))} does not match the "
-                    f"model's input shape {_dims_text(dims)}",
-                    "pin only the dynamic dims and keep the static ones",
-                )
-            continue
-        sym = [k for k, d in enumerate(dims) if k > 0 and not d.HasField("dim_value")]
-        if sym:
-            raise OnnxlwError(
-                f"input {vi.name!r} has symbolic dims {_dims_text(dims)} beyond the batch dim",
-                f"pass --input-shape {vi.name}:1,"
-                + ",".join(str(d.dim_value) if d.HasField("dim_value") else "N" for d in dims[1:])
-                + " with N replaced by the size to synthesize at",
-            )
-
-
-def _dims_text(dims) -> str:  # noqa: ANN001 - protobuf repeated field
-    return (
-        "["
-        + ",".join(
-            d.dim_param or str(d.dim_value) if d.dim_param or d.HasField("dim_value") else "?"
-            for d in dims
-        )
-        + "]"
-    )
 
 
 def check_output_folder(out: str | os.PathLike) -> Path:

@@ -23,18 +23,35 @@ def session(
     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     threads: int = 0,
     optimized_path: str | None = None,
+    quiet: bool = False,
 ) -> ort.InferenceSession:
-    """A CPU session for a model given as a path or a ModelProto."""
+    """A CPU session for a model given as a path or a ModelProto.
+
+    A ModelProto over 2 GB cannot be serialized: it is saved with external data to a
+    temporary folder and loaded by path. ``quiet`` silences onnxruntime's error log (for runs
+    whose failure is expected and handled).
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = level
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     if optimized_path:
         so.optimized_model_filepath = optimized_path
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() > LARGE_PROTO:
+        with tempfile.TemporaryDirectory(prefix="onnxlw-session-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, path, save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+LARGE_PROTO = 1_800_000_000
+"""ModelProtos beyond this go to onnxruntime by path (protobuf's limit is 2 GB)."""
 
 
 def optimized_session(model: ModelLike) -> tuple[ort.InferenceSession, dict[str, int]]:
@@ -106,7 +123,7 @@ def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     inits = {t.name for t in m.graph.initializer}
     for vi in m.graph.input:
-        if vi.name not in inits and vi.type.tensor_type.shape.dim:
+        if vi.name not in inits and len(vi.type.tensor_type.shape.dim) > 1:
             d = vi.type.tensor_type.shape.dim[0]
             d.Clear()
             d.dim_param = "onnxlw_batch"
@@ -116,28 +133,46 @@ def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def run_model_batched(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+def run_batched(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    outputs: list[str] | None,
+    n: int,
+    static: int | None,
 ) -> tuple[list[np.ndarray], bool]:
-    """Run ``model`` on feeds whose batch may differ from the model's fixed batch.
+    """Run ``model`` on a batch of ``n`` whatever batch ``static`` the graph hard-codes.
 
-    Tries the whole batch at once (making dim 0 symbolic when it is fixed); if the graph
-    hard-codes its batch, runs in chunks of the fixed batch. Returns the outputs and whether
-    it had to chunk.
+    Tries the whole batch at once (dim 0 made symbolic). A graph that hard-codes its batch
+    (an error, or float outputs whose dim 0 is not ``n``: a ``[1, -1, C]`` Reshape that
+    mixed the images) runs in chunks of ``static`` instead. Feeds whose dim 0 is not ``n``
+    (shape vectors) go unchanged to every chunk; outputs whose dim 0 is the chunk size are
+    concatenated, others are taken from the first chunk. Returns (outputs, chunked).
     """
-    b0 = static_batch(model)
-    n = next(iter(feeds.values())).shape[0]
-    if b0 is None or b0 == n:
+    if static is None or static == n:
         return session(model).run(outputs, feeds), False
     try:
-        return session(with_symbolic_batch(model)).run(outputs, feeds), False
+        res = session(with_symbolic_batch(model), quiet=True).run(outputs, feeds)
+        if all(r.dtype.kind != "f" or r.ndim < 2 or r.shape[0] == n for r in res):
+            return res, False
     except Exception:  # noqa: BLE001 - the graph hard-codes its batch size
-        if n % b0:
-            raise OnnxlwError(
-                f"the model hard-codes batch size {b0}, which does not divide {n} samples",
-                f"pass --samples as a multiple of {b0}",
-            ) from None
-        return run(session(model), feeds, batch=b0, outputs=outputs), True
+        pass
+    if n % static:
+        raise OnnxlwError(
+            f"the model hard-codes batch size {static}, which does not divide {n} samples",
+            f"pass --samples as a multiple of {static}",
+        )
+    sess = session(model)
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, n, static):
+        chunk = {k: v[i : i + static] if v.ndim and v.shape[0] == n else v for k, v in feeds.items()}
+        parts.append(sess.run(outputs, chunk))
+    out = []
+    for j, first in enumerate(parts[0]):
+        if first.ndim and first.shape[0] == static and first.dtype.kind == "f":
+            out.append(np.concatenate([p[j] for p in parts]))
+        else:
+            out.append(first)
+    return out, True
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -1,25 +1,34 @@
-"""load -> canonicalize -> analyze -> synthesize -> solve -> emit -> validate -> report."""
+"""load -> canonicalize -> precondition -> analyze -> synthesize -> solve -> emit -> validate
+-> report, one call per stage."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 import onnx
+import onnxruntime
 
 from ._version import __version__
 from .analyze import Analysis, analyze
 from .config import Config
-from .driver import QuantPlan, solve_plan
-from .emit.qdq import emit_qdq
-from .errors import OnnxlwError
+from .emit import EMITTERS
+from .errors import InternalError, OnnxlwError
+from .graph import GraphView
 from .io import LoadedModel, load
 from .passes import Canonical, canonicalize
-from .report import BN_EXPORT_HINT, LayerReport, Report
-from .synth import synthesize
+from .plan import Plan
+from .problems import StatsCollector
+from .report import make_report
+from .schedule import make_executor, solve_all
+from .solve.problem import QuantSpec
+from .solve.weights import solve_weights
+from .synth import SynthesisInfo, synthesize
+from .targets.ort_cpu import TUNED_FOR
 from .validate import validate
 
 Progress = Callable[[str], None]
@@ -29,11 +38,15 @@ def compress(
     model: onnx.ModelProto | str | os.PathLike,
     config: Config | None = None,
     *,
+    plan: Plan | str | os.PathLike | None = None,
     progress: Progress | None = None,
-) -> tuple[onnx.ModelProto, Report]:
-    """Compress a model with no data. Returns the QDQ model and the report.
+):  # noqa: ANN201 - (ModelProto, Report)
+    """Compress a model with no data. Returns the compressed model and the report.
 
-    Raises :class:`~onnxlw.errors.OnnxlwError` for bad input; the input is never modified.
+    ``plan``: re-emit a saved plan (``Plan.save``) instead of synthesizing and solving; the
+    output is byte-identical to the run that saved it. The solved plan is ``report.plan``.
+    Raises :class:`~onnxlw.errors.OnnxlwError` for bad input (the input is never modified)
+    and :class:`~onnxlw.errors.InternalError` for onnxlw's own failures.
     """
     config = config or Config()
     say = progress or (lambda _msg: None)
@@ -49,27 +62,148 @@ def compress(
 
     loaded: LoadedModel = stage("load", load, model, config)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
+    check_model(canon.model, "canonicalize")
+    canon = stage("precondition", precondition, canon, config)
     analysis: Analysis = stage(
-        "analyze", analyze, canon, quantize_classifier=config.quantize_classifier
+        "analyze",
+        analyze,
+        canon,
+        quantize_classifier=config.quantize_classifier,
+        exclude=config.exclude,
+        float_heads=config.float_heads,
     )
     if not analysis.active_layers:
-        why = "; ".join(f"{n}: {r}" for n, r in analysis.skips) or "none in the graph"
-        raise OnnxlwError(
-            f"no compressible layer (Conv, Gemm, MatMul with a constant weight): {why}",
-            "pass a CNN with Conv/Gemm layers",
+        raise no_layers_error(analysis, loaded.model)
+    info: SynthesisInfo | None = None
+    if plan is None:
+        collector = stage("synthesize", _collect, canon, analysis, loaded, config)
+        info = collector.info
+        the_plan = stage("solve", solve, canon, analysis, collector, loaded, config)
+        the_plan.meta["fallback"] = info.fallback
+    else:
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        the_plan.check_matches(
+            {r.index: r.node for r in analysis.active_layers}, loaded.sha256
         )
-    samples = stage("synthesize", synthesize, canon, analysis, config)
-    plan: QuantPlan = stage("solve", solve_plan, canon, analysis, samples, config)
-    out = stage("emit", emit_qdq, canon.model, analysis, plan)
-    _set_metadata(out, loaded, canon, config, samples.fallback)
-    validation = stage("validate", validate, out, loaded.model, config)
-    report = _report(loaded, canon, analysis, plan, config, samples.fallback)
+    out = stage("emit", EMITTERS[the_plan.format], canon, analysis, the_plan)
+    check_model(out, "emit")
+    validation = stage("validate", validate, out, loaded.model, loaded.inputs, config)
+    fallback = _fallback(canon, info, the_plan)
+    _set_metadata(out, loaded, canon, config, fallback, validation)
+    report = make_report(loaded, canon, analysis, the_plan, config, fallback, info)
     report.validation = validation
     report.stages = stages
     report.size_before = loaded.model.ByteSize()
     report.size_after = out.ByteSize()
     report.wall_time = round(time.perf_counter() - t0, 3)
+    report.plan = the_plan
+    if config.fail_under_db is not None and validation.sqnr_db < config.fail_under_db:
+        raise OnnxlwError(
+            f"the output's validation SQNR {validation.sqnr_db:.1f} dB is below "
+            f"--fail-under {config.fail_under_db:g} dB (nothing was written)",
+            "see the report's per-layer SQNR, exclude the worst layers with --exclude, "
+            "or lower --fail-under",
+        )
     return out, report
+
+
+def check_model(model: onnx.ModelProto, after: str) -> None:
+    """onnx.checker on a model onnxlw produced; a failure is onnxlw's bug."""
+    if model.ByteSize() > 1_800_000_000:
+        return  # the in-memory checker cannot take it; onnxruntime still loads it in validate
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise InternalError(f"the model after {after} fails onnx.checker: {first}") from None
+
+
+def precondition(canon: Canonical, config: Config) -> Canonical:
+    """Function-preserving rescaling passes before analysis (none is enabled yet)."""
+    return canon
+
+
+def _collect(
+    canon: Canonical, analysis: Analysis, loaded: LoadedModel, config: Config
+) -> StatsCollector:
+    view = GraphView(canon.model)
+    weights = {r.index: view.const(r.weight) for r in analysis.active_layers}
+    biases = {
+        r.index: view.const(r.bias) if r.bias else None for r in analysis.active_layers
+    }
+    collector = StatsCollector(analysis, loaded.inputs, config, weights, biases)
+    collector.info = synthesize(canon, collector.wanted, loaded.inputs, config, collector)
+    missing = collector.missing(analysis.active_layers)
+    if missing:
+        raise InternalError(f"synthesis produced no input for layer {missing[0].node!r}")
+    return collector
+
+
+def solve(
+    canon: Canonical,
+    analysis: Analysis,
+    collector: StatsCollector,
+    loaded: LoadedModel,
+    config: Config,
+) -> Plan:
+    """Activation encodings from the collector, then every layer's solution."""
+    spec = QuantSpec(
+        bits=config.weight_bits,
+        scale_method=config.weight_scale.value,
+        bias_correction=config.bias_correction.value,
+    )
+    plan = Plan(format="qdq", meta={"input_sha256": loaded.sha256, "options": config.to_dict()})
+    for name, qt in analysis.qtensors.items():
+        root = name
+        while analysis.qtensors[root].same_as is not None:
+            root = analysis.qtensors[root].same_as  # type: ignore[assignment]
+        plan.activations[name] = collector.acts[root]
+    solver = functools.partial(solve_weights, spec=spec)
+    try:
+        with make_executor(config.executor, config.workers) as pool:
+            plan.layers = solve_all(
+                collector.problems(), solver, pool, in_flight=2 * config.workers
+            )
+    finally:
+        collector.close()
+    plan.layer_names = {r.index: r.node for r in analysis.active_layers}
+    return plan
+
+
+def no_layers_error(analysis: Analysis, model: onnx.ModelProto) -> OnnxlwError:
+    """One short line naming why nothing can be compressed, and the real fix."""
+    ops = {n.op_type for n in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+              "ConvInteger", "MatMulInteger"}:
+        return OnnxlwError(
+            "the model is already quantized (it has QuantizeLinear/DequantizeLinear or "
+            "integer ops)",
+            "pass the original FP32 model",
+        )
+    reasons = [r.skip for r in analysis.layers if r.skip]
+    if reasons and all("float16" in r for r in reasons):
+        return OnnxlwError(
+            f"all {len(reasons)} layers have float16 weights; onnxlw compresses float32 models",
+            "convert the model to float32 first (or export it in float32)",
+        )
+    if not analysis.layers:
+        return OnnxlwError(
+            "no Conv, Gemm or MatMul layer in the graph", "pass a CNN with Conv/Gemm layers"
+        )
+    counts: dict[str, int] = {}
+    for r in reasons:
+        counts[r] = counts.get(r, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[0]
+    return OnnxlwError(
+        f"no compressible layer: {top[1]} of {len(analysis.layers)} layers: {top[0][:160]}",
+        "run `onnxlw inspect` for every layer's reason",
+    )
+
+
+def _fallback(canon: Canonical, info: SynthesisInfo | None, plan: Plan) -> str | None:
+    if info is not None:
+        return info.fallback
+    return plan.meta.get("fallback")
 
 
 def _set_metadata(
@@ -78,8 +212,10 @@ def _set_metadata(
     canon: Canonical,
     config: Config,
     fallback: str | None,
+    validation: Any,
 ) -> None:
     meta = {p.key: p.value for p in out.metadata_props}
+    spec = loaded.inputs
     meta.update(
         {
             "onnxlw.version": __version__,
@@ -87,6 +223,22 @@ def _set_metadata(
             "onnxlw.seed": str(config.seed),
             "onnxlw.input_sha256": loaded.sha256,
             "onnxlw.bn_statistics": "found" if canon.bn_found else f"missing; fallback={fallback}",
+            "onnxlw.onnxruntime_version": onnxruntime.__version__,
+            "onnxlw.saturation_guard": (
+                f"on (u8s8 pair order verified on onnxruntime {TUNED_FOR})"
+                if config.saturation_guard
+                else "off"
+            ),
+            "onnxlw.input_range": (
+                f"[{spec.declared_range[0]:.6g}, {spec.declared_range[1]:.6g}] from "
+                f"{spec.range_source}"
+                if spec.declared_range
+                else "none declared"
+            ),
+            "onnxlw.validation": (
+                f"sqnr_db={validation.sqnr_db:.2f} on {validation.samples} synthetic inputs; "
+                + ("LOOKS BROKEN" if validation.looks_broken else "ok")
+            ),
         }
     )
     del out.metadata_props[:]
@@ -94,57 +246,4 @@ def _set_metadata(
         out.metadata_props.add(key=k, value=meta[k])
 
 
-def _report(
-    loaded: LoadedModel,
-    canon: Canonical,
-    analysis: Analysis,
-    plan: QuantPlan,
-    config: Config,
-    fallback: str | None,
-) -> Report:
-    warnings = list(loaded.notes)
-    if fallback and "per-image" in fallback:
-        warnings.append(
-            "the graph hard-codes its batch size, so synthesis ran one image at a "
-            "time (moments matched per image)"
-        )
-    if not canon.bn_found:
-        warnings.append(
-            "no BatchNormalization statistics in the model (was BN folded at "
-            f"export?); fallback {fallback}; {BN_EXPORT_HINT}"
-        )
-    layers = []
-    for rec in analysis.layers:
-        lr = LayerReport(
-            rec.index,
-            rec.node,
-            rec.op_type,
-            list(rec.weight_shape),
-            rec.params,
-            list(rec.sources),
-            rec.skip,
-        )
-        sol = plan.weights.get(rec.index)
-        if sol is not None:
-            lr.sqnr_db = round(sol.sqnr_db, 2)
-            lr.sqnr_minmax_db = round(sol.sqnr_minmax_db, 2)
-            lr.mean_clip = round(float(sol.clip.mean()), 4)
-            lr.dead_columns = sol.dead_columns
-            lr.damping = sol.damping
-            lr.bias_shift_rms = float(np.sqrt(np.mean(sol.bias_shift.astype(np.float64) ** 2)))
-        layers.append(lr)
-    return Report(
-        version=__version__,
-        source=loaded.source,
-        input_sha256=loaded.sha256,
-        config=config.to_dict(),
-        bn_found=canon.bn_found,
-        bn_count=len(canon.bn_stats),
-        fallback=fallback,
-        external_data=loaded.external_data,
-        warnings=warnings,
-        notes=[n.to_dict() for n in canon.notes],
-        layers=layers,
-        activations_quantized=len(analysis.qtensors),
-        unsupported_ops=analysis.unsupported_ops,
-    )
+__all__ = ["check_model", "compress", "no_layers_error"]

@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .validate import Validation
+
+if TYPE_CHECKING:
+    from .analyze import Analysis
+    from .config import Config
+    from .io import LoadedModel
+    from .passes import Canonical
+    from .plan import Plan
+    from .synth import SynthesisInfo
 
 BN_EXPORT_HINT = (
     "export with torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, "
@@ -27,11 +35,13 @@ class LayerReport:
     sources: list[str]
     skipped: str | None = None
     sqnr_db: float | None = None
-    sqnr_minmax_db: float | None = None
-    mean_clip: float | None = None
-    dead_columns: int | None = None
-    damping: float | None = None
     bias_shift_rms: float | None = None
+    saturation_fixes: int | None = None
+    bias_scale_fixes: int | None = None
+    output_float: str | None = None
+    """Why the layer's output is left in float (head outputs), if it is."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Everything the solver measured (sqnr_minmax_db, mean_clip, damping, ...)."""
 
 
 @dataclass
@@ -56,6 +66,11 @@ class Report:
     size_before: int = 0
     size_after: int = 0
     wall_time: float = 0.0
+    inputs: dict[str, Any] = field(default_factory=dict)
+    synthesis: dict[str, Any] = field(default_factory=dict)
+    onnxruntime_version: str = ""
+    plan: Any = field(default=None, repr=False, compare=False)
+    """The solved :class:`~onnxlw.plan.Plan` (not part of the JSON)."""
 
     @property
     def layers_quantized(self) -> int:
@@ -64,8 +79,15 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (inf/nan become strings)."""
-        d = asdict(self)
+        plan, self.plan = self.plan, None
+        try:
+            d = asdict(self)
+        finally:
+            self.plan = plan
+        d.pop("plan", None)
         d["layers_quantized"] = self.layers_quantized
+        d["saturation_fixes"] = sum(r.saturation_fixes or 0 for r in self.layers)
+        d["bias_scale_fixes"] = sum(r.bias_scale_fixes or 0 for r in self.layers)
         return _clean(d)
 
     def to_json(self) -> str:
@@ -98,17 +120,29 @@ class Report:
             f"size             : {_mb(self.size_before)} -> {_mb(self.size_after)} "
             f"({ratio:.2f}x smaller)"
         )
+        fixes = sum(r.saturation_fixes or 0 for r in self.layers)
+        bfix = sum(r.bias_scale_fixes or 0 for r in self.layers)
+        lines.append(
+            f"fixes            : {fixes} u8s8 weight pairs kept within int16, "
+            f"{bfix} channels' weight scale raised so the int32 bias fits"
+        )
         if v is not None:
             lines.append(
                 f"fused convs      : {v.qlinear_conv} QLinearConv, {v.float_conv} float "
                 "Conv left (onnxruntime ORT_ENABLE_ALL)"
             )
-            agree = "n/a" if v.top1_agreement is None else f"{100 * v.top1_agreement:.1f}%"
             lines.append(
-                f"vs FP32          : SQNR {v.sqnr_db:.1f} dB, top-1 agreement {agree} on "
-                f"{v.samples} synthetic noise inputs (a sanity check, not an accuracy "
-                "estimate: run `onnxlw eval` on real images)"
+                f"self-check       : output SQNR {v.sqnr_db:.1f} dB vs FP32 on {v.samples} "
+                "synthetic inputs (not an accuracy figure; pass --images DIR or run "
+                "`onnxlw eval` for agreement on real images)"
             )
+            if v.looks_broken:
+                lines.insert(
+                    0,
+                    f"WARNING: THE OUTPUT LOOKS BROKEN: its SQNR vs FP32 is {v.sqnr_db:.1f} dB "
+                    "on synthetic inputs; check the per-layer SQNR in the report and exclude "
+                    "the worst layers with --exclude",
+                )
         lines.append(
             f"wall time        : {self.wall_time:.1f} s ("
             + ", ".join(f"{k} {t:.1f}" for k, t in self.stages.items())
@@ -129,3 +163,84 @@ def _clean(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_clean(v) for v in x]
     return x
+
+
+def make_report(
+    loaded: LoadedModel,
+    canon: Canonical,
+    analysis: Analysis,
+    plan: Plan,
+    config: Config,
+    fallback: str | None,
+    info: SynthesisInfo | None,
+) -> Report:
+    """The report of one run; reads only the solutions' stats (works for every method)."""
+    import onnxruntime
+
+    from ._version import __version__
+
+    warnings = list(loaded.notes)
+    spec = loaded.inputs
+    if spec.declared_range is None:
+        warnings.append(
+            "no input range declared (no --input-range, no preprocessing sidecar): the input "
+            "range is estimated from synthetic inputs"
+        )
+    if fallback and "per-image" in fallback:
+        warnings.append(
+            "the graph hard-codes its batch size, so synthesis ran one image at a "
+            "time (moments matched per image)"
+        )
+    if info is not None:
+        warnings += info.notes
+    if not canon.bn_found:
+        warnings.append(
+            "no BatchNormalization statistics in the model (was BN folded at "
+            f"export?); fallback {fallback}; {BN_EXPORT_HINT}"
+        )
+    floats = dict(analysis.float_outputs)
+    layers = []
+    for rec in analysis.layers:
+        lr = LayerReport(
+            rec.index,
+            rec.node,
+            rec.op_type,
+            list(rec.weight_shape),
+            rec.params,
+            list(rec.sources),
+            rec.skip,
+        )
+        lr.output_float = floats.get(rec.output)
+        sol = plan.layers.get(rec.index)
+        if sol is not None:
+            st = dict(sol.stats)
+            lr.stats = {k: round(float(v), 6) for k, v in sorted(st.items())}
+            lr.sqnr_db = round(float(st.get("sqnr_db", float("nan"))), 2)
+            lr.bias_shift_rms = float(st.get("bias_shift_rms", 0.0))
+            lr.saturation_fixes = int(st.get("saturation_fixes", 0))
+            lr.bias_scale_fixes = int(st.get("bias_scale_fixes", 0))
+        layers.append(lr)
+    if floats:
+        warnings.append(
+            f"{len(floats)} head conv output(s) left in float (they reach a graph output "
+            "through shape/sigmoid/softmax ops; synthetic inputs do not show their real "
+            "range), so those convs run in float"
+        )
+    return Report(
+        version=__version__,
+        source=loaded.source,
+        input_sha256=loaded.sha256,
+        config=config.to_dict(),
+        bn_found=canon.bn_found,
+        bn_count=len(canon.bn_stats),
+        fallback=fallback,
+        external_data=loaded.external_data,
+        warnings=warnings,
+        notes=[n.to_dict() for n in canon.notes],
+        layers=layers,
+        activations_quantized=len(analysis.qtensors),
+        unsupported_ops=analysis.unsupported_ops,
+        inputs=spec.to_dict(),
+        synthesis={"mode": info.mode, "segments": info.segments} if info else {"plan": "loaded"},
+        onnxruntime_version=onnxruntime.__version__,
+    )

@@ -14,12 +14,17 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..analyze import Analysis
-from ..driver import QuantPlan, matrix_to_weight
+from ..errors import InternalError
 from ..graph import GraphView, NameAllocator, rebuild
+from ..passes import Canonical
+from ..plan import Plan
+from ..solve.problem import QuantEncoding
+from ..targets.ort_cpu import INT32_MAX
 
 
-def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onnx.ModelProto:
-    """A new QDQ model; ``model`` (the canonical FP32 model) is not modified."""
+def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    """A new QDQ model; the canonical FP32 model is not modified."""
+    model = canon.model
     view = GraphView(model)
     alloc = NameAllocator(model)
     inits: list[onnx.TensorProto] = list(model.graph.initializer)
@@ -31,7 +36,7 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
     outputs = set(view.graph_outputs)
     renamed_out: dict[str, str] = {}  # graph output written by a DQ: producer writes this
     for name, qt in analysis.qtensors.items():
-        r = plan.act[name]
+        r = plan.activations[name]
         s_name, z_name = alloc.fresh(f"{name}_scale"), alloc.fresh(f"{name}_zero_point")
         inits += [
             numpy_helper.from_array(np.array(r.scale, np.float32), s_name),
@@ -66,10 +71,13 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
 
     layer_inputs: dict[str, tuple[str, str]] = {}
     for rec in analysis.active_layers:
-        sol = plan.weights[rec.index]
-        x_scale = np.float32(plan.act[rec.input].scale)
-        w_scale = sol.scale.reshape(-1).astype(np.float32)
-        q = matrix_to_weight(rec, sol.q).astype(np.int8)
+        sol = plan.layers[rec.index]
+        enc = sol.encoding
+        if not isinstance(enc, QuantEncoding):
+            raise InternalError(f"layer {rec.node!r} has no quantized encoding for the QDQ format")
+        x_scale = np.float32(plan.activations[rec.input].scale)
+        w_scale = enc.scale.reshape(-1).astype(np.float32)
+        q = rec.adapter.from_matrix(rec, enc.q).astype(np.int8)
         axis = rec.out_axis
         wq, ws, wz = (
             alloc.fresh(f"{rec.weight}_quantized"),
@@ -93,7 +101,9 @@ def emit_qdq(model: onnx.ModelProto, analysis: Analysis, plan: QuantPlan) -> onn
         ]
         b_scale = (x_scale * w_scale).astype(np.float32)
         bias_f = sol.bias.reshape(-1).astype(np.float64)
-        bq = np.clip(np.rint(bias_f / b_scale.astype(np.float64)), -(2**31), 2**31 - 1)
+        bq = np.rint(bias_f / b_scale.astype(np.float64))
+        if np.any(np.abs(bq) > INT32_MAX):  # the solver raises the weight scale to prevent it
+            raise InternalError(f"the int32 bias of layer {rec.node!r} overflows")
         base = rec.bias or f"{rec.node}_bias"
         bqn, bsn, bzn = (
             alloc.fresh(f"{base}_quantized"),

@@ -1,10 +1,38 @@
-"""Layer problems and their solutions: plain numpy arrays, no ONNX."""
+"""Layer problems and their solutions: plain numpy arrays, no ONNX.
+
+A :class:`LayerProblem` is what one layer's solve needs and nothing else: the grouped weight
+matrix and sufficient statistics of its synthesized input. It is picklable, so one problem
+can be solved several times (bit-width sweeps) or in another process. Every solver returns a
+:class:`LayerSolution`: the float weight and bias the layer computes with, an encoding
+(method-specific), and stats. Later stages (report, validation) read only ``weight``,
+``bias`` and ``stats``; only the emitter of a format reads the encoding.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def input_stats(
+    x: np.ndarray, order_free_cov: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(mean, cov, samples) of sampled columns ``x`` (M, G, K).
+
+    ``mean`` (G, K) float64. When M >= K: ``cov`` (G, K, K) float64 = Cov[x] (centered second
+    moment, summed in float32 like the im2col samples) and ``samples`` None; when M < K the
+    covariance would be rank-deficient and larger than the samples, so ``cov`` is None and
+    ``samples`` is ``x`` itself.
+    """
+    m, _, k = x.shape
+    mean = x.mean(axis=0, dtype=np.float64)
+    if m < k:
+        return mean, None, x
+    xt = x.transpose(1, 0, 2) - mean[:, None, :].astype(np.float32)  # (G, M, K)
+    cov = np.matmul(xt.transpose(0, 2, 1), xt).astype(np.float64) / max(m, 1)
+    return mean, cov, None
 
 
 @dataclass(frozen=True)
@@ -17,6 +45,7 @@ class QuantSpec:
     grid: int = 40  # candidate clipping ratios per channel, screened with diag(H)
     exact: int = 4  # best screened candidates per channel ranked with the full H
     pair_limit: int = 128  # max |q_a + q_b| over a same-sign pair: 255 * 128 < 2**15
+    bias_bits: int = 32  # the quantized bias's width; its scale is x_scale * w_scale
 
     @property
     def qmax(self) -> int:
@@ -26,57 +55,113 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class LayerProblem:
-    """One layer's weight-quantization problem.
+    """One layer's compression problem.
 
     ``weight``: (G, O, K) grouped weight matrix (G groups, O outputs per group, K inputs per
-    group: Cin/G * kh * kw for a conv). ``x``: (M, G, K) sampled FP32 inputs (im2col columns).
-    ``xq``: the same inputs after activation quantization, or None. ``bias``: (G, O) or None.
+    group: Cin/G * kh * kw for a conv). ``bias``: (G, O) or None.
+    Input statistics over ``count`` sampled columns of the synthesized input:
+    ``mean`` (G, K) E[x]; ``cov`` (G, K, K) Cov[x], or None when there are fewer samples than
+    inputs, and then ``x`` (M, G, K) holds the samples themselves.
+    ``xq_mean``: (G, K) E[Q(x)] after activation quantization, or None.
+    ``x_scale``: the input's activation scale (the int32 bias's scale is x_scale * w_scale).
     ``pair_order``: (K,) permutation of K in the integer kernel's packing order; consecutive
     entries (0,1), (2,3), ... are the input pairs it multiplies and adds in int16 (x86 u8s8
     without VNNI saturates there). None when the kernel accumulates in int32.
     """
 
     weight: np.ndarray
-    x: np.ndarray
-    xq: np.ndarray | None
     bias: np.ndarray | None
-    spec: QuantSpec
+    mean: np.ndarray
+    cov: np.ndarray | None
+    x: np.ndarray | None
+    count: int
+    xq_mean: np.ndarray | None = None
+    x_scale: float | None = None
     pair_order: np.ndarray | None = None
+    name: str = ""
+
+    @classmethod
+    def from_samples(
+        cls,
+        weight: np.ndarray,
+        x: np.ndarray,
+        *,
+        bias: np.ndarray | None = None,
+        xq: np.ndarray | None = None,
+        x_scale: float | None = None,
+        pair_order: np.ndarray | None = None,
+        name: str = "",
+    ) -> LayerProblem:
+        """Build from sampled columns ``x`` (M, G, K) and their quantized copy ``xq``."""
+        mean, cov, samples = input_stats(x)
+        xq_mean = xq.mean(axis=0, dtype=np.float64) if xq is not None else None
+        return cls(weight, bias, mean, cov, samples, x.shape[0], xq_mean, x_scale, pair_order, name)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the problem's arrays."""
+        return sum(
+            a.nbytes for a in (self.weight, self.mean, self.cov, self.x) if a is not None
+        )
 
 
 @dataclass(frozen=True)
-class WeightSolution:
-    """What was done to one layer.
+class QuantEncoding:
+    """Integer weights: real = scale * (q - zero_point) per output channel.
 
-    ``q``: (G, O, K) integers in [-qmax, qmax]; ``scale``: (G, O) per output channel;
-    ``bias``: (G, O) corrected FP32 bias; ``clip``: (G, O) chosen ratio of max|w|.
-    ``saturation_fixes``: weights moved one level toward zero to keep u8s8 pairs in 16 bits.
-    ``damping``: relative diagonal load added to H; ``dead_columns``: inputs whose synthetic
-    samples were all zero (their weights do not affect the output error).
-    ``sqnr_db``: output SQNR of the layer on its samples with the chosen scales, and
-    ``sqnr_minmax_db`` with the max|w| reference scales (doubled under the u8s8 pair guard), both
-    from weight quantization alone.
+    ``q`` (G, O, K) integers; ``scale`` (G, O) float32; ``zero_point`` (G, O) integers.
     """
 
     q: np.ndarray
     scale: np.ndarray
-    bias: np.ndarray
-    clip: np.ndarray
-    bias_shift: np.ndarray
-    damping: float
-    dead_columns: int
-    sqnr_db: float
-    sqnr_minmax_db: float
-    method: str
-    saturation_fixes: int = 0
+    zero_point: np.ndarray
+    bits: int
+    signed: bool = True
 
-    def dequantized(self) -> np.ndarray:
-        """q * scale, shape (G, O, K)."""
-        return self.q * self.scale[..., None]
+    kind = "quant"
 
 
 @dataclass(frozen=True)
-class ActRange:
+class SparseEncoding:
+    """A pruning mask (G, O, K) bool (True = kept), e.g. ``pattern`` "unstructured" or "2:4"."""
+
+    mask: np.ndarray
+    pattern: str
+
+    kind = "sparse"
+
+
+@dataclass(frozen=True)
+class CodebookRef:
+    """Codes (G, O, K / dim, books) into a codebook shared across layers, named ``book``."""
+
+    codes: np.ndarray
+    book: str
+    dim: int
+
+    kind = "codebook"
+
+
+Encoding = QuantEncoding | SparseEncoding | CodebookRef
+
+
+@dataclass(frozen=True)
+class LayerSolution:
+    """What one layer computes with after compression, however it was compressed.
+
+    ``weight``: (G, O, K) float32, the effective (dequantized, pruned, decoded) weights;
+    ``bias``: (G, O) float32, the corrected bias; ``encoding``: how the emitter stores them;
+    ``stats``: numbers for the report (sqnr_db, damping, saturation_fixes, ...).
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    encoding: Encoding | None
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActQuant:
     """Per-tensor affine quantization of an activation: real = scale * (q - zero_point)."""
 
     lo: float
@@ -85,3 +170,8 @@ class ActRange:
     zero_point: int
     mse: float
     method: str
+    bits: int = 8
+
+
+ActRange = ActQuant
+"""Former name of :class:`ActQuant`."""

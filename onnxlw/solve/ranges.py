@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .problem import ActRange
+from .problem import ActQuant
 
 BINS = 2048
 
@@ -39,7 +39,7 @@ def choose_range(
     lo_bound: float | None = None,
     hi_bound: float | None = None,
     grid: int = 96,
-) -> ActRange:
+) -> ActQuant:
     """Range for ``values`` (any shape). Bounds come from an absorbed Relu/Clip (lo=0)."""
     v = values.astype(np.float32, copy=False).ravel()
     vmin, vmax = float(v.min()), float(v.max())
@@ -51,7 +51,7 @@ def choose_range(
     vmin, vmax = min(vmin, 0.0), max(vmax, 0.0)
     if method == "minmax" or vmax - vmin <= 0:
         s, z = affine_params(vmin, vmax, bits)
-        return ActRange(vmin, vmax, s, z, float("nan"), "minmax")
+        return ActQuant(vmin, vmax, s, z, float("nan"), "minmax", bits)
     if method != "mse":
         raise ValueError(f"unknown range method {method}")
     hist, edges = np.histogram(np.clip(v, vmin, vmax), bins=BINS, range=(vmin, vmax))
@@ -72,4 +72,4 @@ def choose_range(
     li, hj = np.unravel_index(int(np.argmin(err)), err.shape)
     lo, hi = float(los[li, 0]), float(his[0, hj])
     s, z = affine_params(lo, hi, bits)
-    return ActRange(lo, hi, s, z, float(err[li, hj]), "mse")
+    return ActQuant(lo, hi, s, z, float(err[li, hj]), "mse", bits)

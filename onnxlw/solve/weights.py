@@ -4,13 +4,18 @@ For output channel o with weights w (K,) and input second moment H = E[x x^T] (K
 output error of a quantized w_q is (w - w_q)^T H (w - w_q). With bias correction, the mean
 part of the error is removed afterwards, so the covariance Cov[x] replaces H. The clipping
 ratio of each channel's scale is searched on a grid, all channels at once.
+
+The quantized bias is int32 with scale x_scale * w_scale. When a channel's weights are tiny
+and its bias is not (gamma ~ 0 after slimming or pruning), that scale is so small that the
+bias would saturate; the channel's weight scale is then raised until the bias fits (as
+onnxruntime's QDQ quantizer does, after TFLite), and the count is reported.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .problem import LayerProblem, QuantSpec, WeightSolution
+from .problem import LayerProblem, LayerSolution, QuantEncoding, QuantSpec
 
 DAMPING = 1e-6
 SCREEN_BUDGET = 16_000_000
@@ -53,30 +58,36 @@ def limit_pairs(q: np.ndarray, r: np.ndarray, limit: int, qmax: int) -> tuple[np
 class _Metric:
     """The layer's output-error metric d -> d^T (H + load I) d, per group and channel.
 
-    Built from the sampled inputs ``x`` (M, G, K): as H = E[x x^T] (G, K, K) when M >= K, or
-    straight from the samples when there are fewer samples than inputs (cheaper, same value).
-    ``centered`` uses the covariance. ``order`` permutes K (the u8s8 pair order).
+    H is the input covariance (``centered``) or second moment E[x x^T] (G, K, K) from the
+    problem's statistics, or computed straight from the samples when there are fewer samples
+    than inputs (cheaper, same value). ``order`` permutes K (the u8s8 pair order).
     """
 
-    def __init__(self, x: np.ndarray, centered: bool, order: np.ndarray | None) -> None:
-        m, _, k = x.shape
-        self.mean = x.mean(axis=0, dtype=np.float64)  # (G, K), original order
-        xt = x.transpose(1, 0, 2)  # (G, M, K)
-        if centered:
-            xt = xt - self.mean[:, None, :].astype(np.float32)
-        if order is not None:
-            xt = xt[..., order]
-        diag = np.einsum("gmk,gmk->gk", xt, xt, dtype=np.float64) / max(m, 1)
+    def __init__(self, p: LayerProblem, centered: bool, order: np.ndarray | None) -> None:
+        self.mean = p.mean  # (G, K), original order
+        k = p.mean.shape[-1]
+        self.samples: np.ndarray | None = None
+        self.h: np.ndarray | None = None
+        if p.cov is not None:
+            h = p.cov if centered else p.cov + p.mean[:, :, None] * p.mean[:, None, :]
+            if order is not None:
+                h = h[:, order][:, :, order]
+            diag = np.diagonal(h, axis1=1, axis2=2).copy()
+        else:
+            assert p.x is not None
+            m = p.x.shape[0]
+            xt = p.x.transpose(1, 0, 2)  # (G, M, K)
+            if centered:
+                xt = xt - self.mean[:, None, :].astype(np.float32)
+            if order is not None:
+                xt = xt[..., order]
+            diag = np.einsum("gmk,gmk->gk", xt, xt, dtype=np.float64) / max(m, 1)
+            self.samples = np.ascontiguousarray(xt.transpose(0, 2, 1), dtype=SEARCH_DTYPE)
+            self.m = m
         self.dead = int((diag <= 0).sum())
         self.load = (DAMPING * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12))[:, :, None]
         self.diag = (diag + self.load[..., 0]).astype(SEARCH_DTYPE)
-        self.samples: np.ndarray | None = None
-        self.h: np.ndarray | None = None
-        if m < k:
-            self.samples = np.ascontiguousarray(xt.transpose(0, 2, 1), dtype=SEARCH_DTYPE)
-            self.m = m
-        else:
-            h = np.matmul(xt.transpose(0, 2, 1), xt).astype(np.float64) / max(m, 1)
+        if p.cov is not None:
             self.h = (h + self.load * np.eye(k)).astype(SEARCH_DTYPE)
 
     def __call__(self, d: np.ndarray) -> np.ndarray:
@@ -124,16 +135,16 @@ class _Levels:
         return out
 
 
-def solve_weights(p: LayerProblem) -> WeightSolution:
-    """Choose scales, round, and correct the bias for one layer."""
-    spec: QuantSpec = p.spec
+def solve_weights(p: LayerProblem, spec: QuantSpec | None = None) -> LayerSolution:
+    """Choose scales, round, and correct the bias for one layer (``spec`` defaults)."""
+    spec = spec or QuantSpec()
     w = p.weight.astype(SEARCH_DTYPE)
     g, o, k = w.shape
     centered = spec.bias_correction != "none"
     guard = p.pair_order is not None and k >= 2
     order = p.pair_order if guard else None
     levels = _Levels(w, spec.qmax, spec.pair_limit, order)
-    metric = _Metric(p.x, centered, order)
+    metric = _Metric(p, centered, order)
     mean_x = metric.mean
     dead = metric.dead
     wp = levels.w
@@ -175,32 +186,58 @@ def solve_weights(p: LayerProblem) -> WeightSolution:
     elif spec.scale_method != "minmax":
         raise ValueError(f"unknown scale method {spec.scale_method}")
     scale = (base * best_ratio).astype(np.float32)
-    qp, fixes = levels(scale)
-    q = levels.unpermute(qp)
-    w = w.astype(np.float64)
-    wq = q.astype(np.float64) * scale.astype(np.float64)[..., None]
-    bias = np.zeros((g, o)) if p.bias is None else p.bias.astype(np.float64)
-    shift = np.zeros((g, o))
-    if spec.bias_correction == "weights":
-        shift = np.einsum("gok,gk->go", w - wq, mean_x)
-    elif spec.bias_correction == "full":
-        mq = p.xq.mean(axis=0, dtype=np.float64) if p.xq is not None else mean_x
-        shift = np.einsum("gok,gk->go", w, mean_x) - np.einsum("gok,gk->go", wq, mq)
-    elif spec.bias_correction != "none":
-        raise ValueError(f"unknown bias correction {spec.bias_correction}")
+    w64 = w.astype(np.float64)
+    bias0 = np.zeros((g, o)) if p.bias is None else p.bias.astype(np.float64)
+
+    def finish(scale: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+        qp, fixes = levels(scale)
+        q = levels.unpermute(qp)
+        wq = q.astype(np.float64) * scale.astype(np.float64)[..., None]
+        shift = np.zeros((g, o))
+        if spec.bias_correction == "weights":
+            shift = np.einsum("gok,gk->go", w64 - wq, mean_x)
+        elif spec.bias_correction == "full":
+            mq = p.xq_mean if p.xq_mean is not None else mean_x
+            shift = np.einsum("gok,gk->go", w64, mean_x) - np.einsum("gok,gk->go", wq, mq)
+        elif spec.bias_correction != "none":
+            raise ValueError(f"unknown bias correction {spec.bias_correction}")
+        return q, fixes, wq, shift, bias0 + shift
+
+    q, fixes, wq, shift, bias = finish(scale)
+    # The int32 bias must fit: |b| <= x_scale * w_scale * (2**31 - 1). Raise the weight scale
+    # of the channels where it does not (their weights are tiny next to their bias).
+    bias_fixed = np.zeros((g, o), bool)
+    if p.x_scale is not None and p.x_scale > 0:
+        limit = float(2 ** (spec.bias_bits - 1) - 1) * 0.5  # half: rounding and headroom
+        for _ in range(4):
+            need = np.abs(bias) / (p.x_scale * limit)
+            bad = need > np.where(scale > 0, scale, 0.0)
+            if not bad.any():
+                break
+            bias_fixed |= bad
+            scale = np.where(bad, np.maximum(need * 1.01, scale), scale).astype(np.float32)
+            q, fixes, wq, shift, bias = finish(scale)
+        if bias_fixed.any():
+            best_err = error(scale)
     tot_sig = float(signal.sum())
-    return WeightSolution(
-        q=q.astype(np.int8 if spec.bits <= 8 else np.int16),
-        scale=np.where(scale > 0, scale, 1.0).astype(np.float32),
-        bias=(bias + shift).astype(np.float32),
-        clip=best_ratio.astype(np.float32),
-        bias_shift=shift.astype(np.float32),
-        damping=DAMPING,
-        dead_columns=dead,
-        sqnr_db=_db(tot_sig, float(best_err.sum())),
-        sqnr_minmax_db=_db(tot_sig, float(ref_err.sum())),
-        method=spec.scale_method,
-        saturation_fixes=fixes,
+    scale_out = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    qi = q.astype(np.int8 if spec.bits <= 8 else np.int16)
+    stats = {
+        "sqnr_db": _db(tot_sig, float(best_err.sum())),
+        "sqnr_minmax_db": _db(tot_sig, float(ref_err.sum())),
+        "mean_clip": float(best_ratio.mean()),
+        "dead_columns": float(dead),
+        "damping": DAMPING,
+        "bias_shift_rms": float(np.sqrt(np.mean(shift**2))) if shift.size else 0.0,
+        "saturation_fixes": float(fixes),
+        "bias_scale_fixes": float(bias_fixed.sum()),
+        "bits": float(spec.bits),
+    }
+    return LayerSolution(
+        weight=(qi.astype(np.float32) * scale_out[..., None]).astype(np.float32),
+        bias=bias.astype(np.float32),
+        encoding=QuantEncoding(qi, scale_out, np.zeros((g, o), np.int8), spec.bits, True),
+        stats=stats,
     )
 
 

@@ -13,107 +13,206 @@ Without BN statistics both modes reduce to propagating the declared input distri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from ..analyze import Analysis
 from ..config import Config, Synthesis
-from ..errors import OnnxlwError
-from ..graph import GraphView, NameAllocator
+from ..graph import GraphView, NameAllocator, used_names
+from ..inputspec import InputSpec
 from ..io import default_opset
-from ..ortutil import run_model_batched
+from ..ortutil import run_batched
 from ..passes import Canonical
 from .inputs import synthetic_input
 
+Sink = Callable[[str, np.ndarray], None]
+
 
 @dataclass
-class Samples:
-    """Synthesized FP32 values: tensor name -> array (N, C, ...). ``inputs`` are the feeds."""
+class SynthesisInfo:
+    """How synthesis ran: mode, fallbacks, segments, and the largest tensor it held."""
 
-    values: dict[str, np.ndarray]
-    inputs: dict[str, np.ndarray]
     mode: str
     fallback: str | None
+    segments: int
+    notes: list[str]
 
 
-def input_shapes(model: onnx.ModelProto, config: Config, batch: int) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for the graph inputs: pins from the config, else static dims, batch=N."""
-    pins = config.input_shape_map()
-    inits = {t.name for t in model.graph.initializer}
-    out: dict[str, tuple[int, ...]] = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        if vi.name in pins:
-            dims = list(pins[vi.name])
-        else:
-            dims = [
-                d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim
-            ]
-        dims[0] = batch
-        out[vi.name] = tuple(dims)
-    return out
+def draw_inputs(inputs: InputSpec, config: Config, batch: int, rng: np.random.Generator) -> dict:
+    """Seeded synthetic graph inputs of the declared distribution, inside the declared range."""
+    return {
+        name: synthetic_input(shape, config.input_distribution, rng, inputs.declared_range)
+        for name, shape in inputs.shapes(batch).items()
+    }
 
 
-def synthesize(canon: Canonical, analysis: Analysis, config: Config) -> Samples:
-    """Run the synthesis model once and return the values of every tensor analysis needs."""
+def synthesize(
+    canon: Canonical, wanted: list[str], inputs: InputSpec, config: Config, sink: Sink
+) -> SynthesisInfo:
+    """Synthesize every tensor in ``wanted`` and hand each to ``sink`` once, then drop it.
+
+    The synthesis model runs in segments (cut in topological order) so that the wanted
+    tensors held at once stay under ``config.memory_budget_mb``; the tensors a later segment
+    reads are carried over. Graph inputs reach ``sink`` first.
+    """
     rng = np.random.default_rng(config.seed)
     model = canon.model
-    shapes = input_shapes(model, config, config.samples)
-    feeds = {}
-    for name, shape in shapes.items():
-        et = _elem_type(model, name)
-        if et != TensorProto.FLOAT:
-            raise OnnxlwError(
-                f"input {name!r} has element type {et}, synthesis needs float32",
-                "export the model with a float32 image input",
-            )
-        feeds[name] = synthetic_input(shape, config.input_distribution, rng)
-    wanted = [t for t in analysis.qtensors if analysis.qtensors[t].same_as is None]
-    for r in analysis.active_layers:
-        if r.input not in wanted:
-            wanted.append(r.input)
+    feeds = draw_inputs(inputs, config, config.samples, rng)
     stats = canon.bn_stats
     mode = config.synthesis
+    notes: list[str] = []
+    shapes = inputs.shapes(config.samples)
+    shp = _static_shapes(model, shapes)
     cut_values: dict[str, np.ndarray] = {}
     if mode is Synthesis.GAUSSIAN and stats:
-        shp = _static_shapes(model, shapes)
         for t in sorted(stats):
             if t in shp:
-                s = stats[t]
-                c = len(s.bias)
-                bshape = (1, c) + (1,) * (len(shp[t]) - 2)
-                z = rng.standard_normal(shp[t]).astype(np.float32)
-                cut_values[t] = (s.out_mean.reshape(bshape) + s.out_std.reshape(bshape) * z).astype(
-                    np.float32
-                )
+                cut_values[t] = _gaussian(stats[t], shp[t], rng)
     synth_model, out_map, cut_map = build_synthesis_model(
         model, stats if mode is Synthesis.MATCHED else {}, set(cut_values), wanted
     )
-    graph_inputs = {i.name for i in synth_model.graph.input}
-    feeds_all = {
-        **feeds,
-        **{cut_map[t]: v for t, v in cut_values.items() if cut_map[t] in graph_inputs},
-    }
-    names = [out_map[t] for t in wanted if t not in cut_values and t not in feeds]
-    values: dict[str, np.ndarray] = {}
+    synth_model, fixed = _unpin_batch_reshapes(synth_model, inputs, config.samples)
+    if fixed:
+        notes.append(
+            f"{fixed} Reshape(s) hard-code the batch size; synthesis copies the batch dim instead"
+        )
+    for t in wanted:
+        if t in feeds:
+            sink(t, feeds[t])
+    feeds_all = {**feeds, **{cut_map[t]: v for t, v in cut_values.items()}}
+    for t, v in cut_values.items():
+        if t in wanted:
+            sink(t, v)
+    targets = {out_map[t]: t for t in wanted if t not in cut_values and t not in feeds}
     chunked = False
-    if names:
-        res, chunked = run_model_batched(synth_model, feeds_all, names)
-        values.update(zip(names, res, strict=True))
-    out = {
-        t: values[out_map[t]]
-        if out_map[t] in values
-        else (cut_values[t] if t in cut_values else feeds[t])
-        for t in wanted
-    }
+    segments = _segments(synth_model, list(targets), shp, config.memory_budget_mb << 20)
+    reads = [used_names([n]) for n in synth_model.graph.node]
+    carry: dict[str, np.ndarray] = dict(feeds_all)
+    for a, b in segments:
+        seg_model, outs, needed_later = _segment_model(
+            synth_model, a, b, set(targets), carry, reads
+        )
+        if not outs:
+            continue
+        seg_feeds = {i.name: carry[i.name] for i in seg_model.graph.input}
+        res, was_chunked = run_batched(
+            seg_model, seg_feeds, outs, config.samples, inputs.static_batch
+        )
+        chunked |= was_chunked
+        got = dict(zip(outs, res, strict=True))
+        for name in outs:
+            if name in targets:
+                sink(targets[name], got[name])
+        carry = {n: v for n, v in {**carry, **got}.items() if n in needed_later}
+        del res, got
     fallback = None if stats else "propagated-input-distribution"
     if chunked:  # a graph with a hard-coded batch: each image was matched on its own
         fallback = (fallback + "+" if fallback else "") + "per-image-batches"
-    return Samples(out, feeds, mode.value, fallback)
+    return SynthesisInfo(mode.value, fallback, len(segments), notes)
+
+
+def _gaussian(s, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:  # noqa: ANN001
+    c = len(s.bias)
+    bshape = (1, c) + (1,) * (len(shape) - 2)
+    z = rng.standard_normal(shape).astype(np.float32)
+    return (s.out_mean.reshape(bshape) + s.out_std.reshape(bshape) * z).astype(np.float32)
+
+
+def _unpin_batch_reshapes(
+    model: onnx.ModelProto, inputs: InputSpec, batch: int
+) -> tuple[onnx.ModelProto, int]:
+    """Reshapes whose constant target shape starts with the model's static batch copy dim 0.
+
+    Such a Reshape (``[1, -1, C]`` in a batch-1 export) would mix the synthetic images when
+    the batch is made symbolic. Only rewritten where the data's dim 0 is the batch.
+    """
+    b0 = inputs.static_batch
+    if b0 is None or b0 == batch:
+        return model, 0
+    shp = _static_shapes(model, inputs.shapes(batch))
+    inits = {t.name: t for t in model.graph.initializer}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    alloc = NameAllocator(m)
+    fixed = 0
+    for n in m.graph.node:
+        if n.op_type != "Reshape" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        if any(a.name == "allowzero" and a.i for a in n.attribute):
+            continue
+        target = numpy_helper.to_array(inits[n.input[1]])
+        data = shp.get(n.input[0])
+        if target.ndim != 1 or not target.size or target[0] != b0 or not data or data[0] != batch:
+            continue
+        new = target.copy()
+        new[0] = 0
+        name = alloc.fresh(n.input[1] + "__batch")
+        m.graph.initializer.append(numpy_helper.from_array(new, name))
+        n.input[1] = name
+        fixed += 1
+    return m, fixed
+
+
+def _segments(
+    model: onnx.ModelProto, targets: list[str], shapes: dict[str, tuple[int, ...]], budget: int
+) -> list[tuple[int, int]]:
+    """Cut the (topologically ordered) synthesis nodes into consecutive [a, b) ranges whose
+    targets together hold about ``budget`` bytes."""
+    nodes = model.graph.node
+    tset = set(targets)
+    unknown = max((int(np.prod(s)) * 4 for s in shapes.values()), default=1 << 20)
+    bounds: list[int] = [0]
+    acc = 0
+    for k, n in enumerate(nodes):
+        for o in n.output:
+            if o in tset:
+                acc += int(np.prod(shapes[o])) * 4 if o in shapes else unknown
+        if acc >= budget and k + 1 < len(nodes):
+            bounds.append(k + 1)
+            acc = 0
+    bounds.append(len(nodes))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _segment_model(
+    model: onnx.ModelProto,
+    a: int,
+    b: int,
+    targets: set[str],
+    carry: dict[str, np.ndarray],
+    reads: list[set[str]],
+) -> tuple[onnx.ModelProto, list[str], set[str]]:
+    """Nodes [a, b) as a model: inputs are what they read from earlier (typed from ``carry``),
+    outputs are their targets plus what later nodes read. Also returns the names later
+    segments still need."""
+    nodes = list(model.graph.node)
+    inits = {t.name: t for t in model.graph.initializer}
+    graph_in = {i.name: i for i in model.graph.input}
+    seg = nodes[a:b]
+    produced = {o for n in seg for o in n.output if o}
+    read: set[str] = set().union(*reads[a:b]) if seg else set()
+    later: set[str] = set().union(*reads[b:]) if b < len(nodes) else set()
+    ins = [i for i in sorted(read) if i not in produced and i not in inits]
+    outs = list(dict.fromkeys(o for n in seg for o in n.output if o and (o in targets or o in later)))
+    vis = []
+    for i in ins:
+        if i in graph_in:
+            vis.append(graph_in[i])
+        else:
+            et = helper.np_dtype_to_tensor_dtype(carry[i].dtype)
+            vis.append(helper.make_tensor_value_info(i, et, None))
+    g = helper.make_graph(
+        seg,
+        "synthesis",
+        vis,
+        [helper.make_value_info(o, onnx.TypeProto()) for o in outs],
+        [inits[i] for i in sorted(read & set(inits))],
+    )
+    sm = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return sm, outs, {i for i in later if i not in inits}
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
@@ -216,7 +315,7 @@ def _prune(nodes: list[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProt
     for n in reversed(nodes):
         if any(o in needed for o in n.output):
             keep.append(n)
-            needed.update(i for i in n.input if i)
+            needed.update(used_names([n]))
     return keep[::-1]
 
 

@@ -1,0 +1,196 @@
+"""onnxruntime CPU (x86) facts: which QDQ patterns it fuses, dtype rules, the u8s8 pair order.
+
+Everything here is specific to onnxruntime's CPU execution provider and may change with its
+version (``TUNED_FOR`` records the version the pair order was checked on):
+
+- a Conv whose input, weight and bias are dequantized and whose output is quantized becomes
+  ``QLinearConv``; ``Add``/``Concat``/pools with quantized inputs and output run in integers;
+  Reshape-like ops and MaxPool keep their input's quantization parameters;
+- a Relu or Clip(0, hi) after a layer is absorbed into the layer's output Q when the Q's range
+  lies within the clip;
+- activations are uint8 asymmetric, weights int8 symmetric per channel (int4 needs opset 21);
+- x86 without VNNI multiplies uint8 x int8 pairs and adds each pair in int16 (VPMADDUBSW);
+  the pair order below is the K packing order of its GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..graph import GraphView
+from ..ops import LayerRecord
+
+TUNED_FOR = "1.32.0"
+"""onnxruntime version on which the u8s8 pair order was verified (fused == simulated)."""
+
+PASS_THROUGH_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool"})
+"""Ops whose output keeps its input's quantization parameters (ORT drops their Q/DQ pair)."""
+
+QUANT_IO_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
+"""Non-layer ops run in integer arithmetic by ORT when their inputs and output are quantized."""
+
+HEAD_OPS = frozenset(
+    {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Concat", "Split",
+     "Slice", "Sigmoid", "Softmax", "LogSoftmax", "Gather"}
+)
+"""Ops between a layer and a graph output that make the layer a *head*: its raw output is what
+the user reads (logits, boxes). Synthetic inputs do not reach the tails real inputs produce
+there (a detector's class logits are almost never positive on noise), so head outputs stay
+in float."""
+
+ACT_DTYPE = np.uint8
+WEIGHT_DTYPE = np.int8
+BIAS_DTYPE = np.int32
+INT32_MAX = 2**31 - 1
+
+
+def weight_dtype(bits: int, opset: int) -> type:
+    """numpy dtype of quantized weights at ``bits``; below 8 bits int4 needs opset 21."""
+    if bits == 8:
+        return np.int8
+    raise ValueError(f"{bits}-bit weights are not supported by this target yet (opset {opset})")
+
+
+@dataclass
+class QTensor:
+    """An activation tensor that gets a Q/DQ pair.
+
+    ``lo_bound``/``hi_bound`` come from an absorbed Relu/Clip (the range must lie within).
+    ``same_as`` names the tensor whose parameters a pass-through output reuses.
+    ``pre`` is the pre-activation tensor the Q reads when the activation node is absorbed.
+    """
+
+    name: str
+    lo_bound: float | None = None
+    hi_bound: float | None = None
+    same_as: str | None = None
+    pre: str | None = None
+    absorbed_node: str | None = None
+
+
+def u8s8_pair_order(rec: LayerRecord) -> np.ndarray | None:
+    """K in onnxruntime's x86 u8s8 GEMM packing order, whose consecutive pairs it adds in int16.
+
+    The GEMM packs K in onnxruntime's order: (kh, kw, c) for a conv (its QLinearConv runs
+    channels-last at ORT_ENABLE_ALL), plain input order for Gemm/MatMul. Depthwise convs use a
+    kernel that accumulates in int32 and need no guard.
+    """
+    if rec.op_type == "Conv":
+        assert rec.geom is not None
+        cin_g = rec.weight_shape[1]
+        if cin_g == 1 and rec.geom.group > 1:
+            return None
+        kh, kw = rec.weight_shape[2], rec.weight_shape[3]
+        return np.arange(cin_g * kh * kw).reshape(cin_g, kh, kw).transpose(1, 2, 0).ravel()
+    k = rec.weight_shape[1] if rec.op_type == "Gemm" else rec.weight_shape[0]
+    return np.arange(k)
+
+
+def absorbable(act: onnx.NodeProto, view: GraphView) -> tuple[float, float] | None:
+    """(lo, hi) if ``act`` is Relu or Clip with a lower bound of 0 (its Q can replace it)."""
+    if act.op_type == "Relu":
+        return 0.0, float("inf")
+    if act.op_type != "Clip":
+        return None
+    lo = view.const_or_none(act.input[1]) if len(act.input) > 1 and act.input[1] else None
+    hi = view.const_or_none(act.input[2]) if len(act.input) > 2 and act.input[2] else None
+    if lo is None or float(lo) != 0.0:
+        return None
+    if len(act.input) > 2 and act.input[2] and hi is None:
+        return None
+    return 0.0, float(hi) if hi is not None else float("inf")
+
+
+def is_head(t: str, view: GraphView, depth: int = 12) -> bool:
+    """True when tensor ``t`` reaches a graph output through HEAD_OPS only."""
+    if t in view.graph_outputs:
+        return True
+    if depth == 0:
+        return False
+    cs = view.consumers.get(t, [])
+    return any(
+        c.op_type in HEAD_OPS and any(is_head(o, view, depth - 1) for o in c.output if o)
+        for c in cs
+    )
+
+
+def activation_plan(
+    view: GraphView,
+    layers: list[LayerRecord],
+    is_activation: set[str],
+    notes: list[tuple[str, str]],
+    heads: bool = True,
+) -> dict[str, QTensor]:
+    """The activation tensors that get a Q/DQ pair so that every layer fuses.
+
+    ``is_activation``: float tensors synthesis can produce (others are never quantized).
+    ``notes`` receives (tensor, reason) for outputs deliberately left in float. ``heads``:
+    leave head conv outputs (see HEAD_OPS) in float.
+    """
+    active = {r.node for r in layers if r.skip is None}
+    outputs = set(view.graph_outputs)
+    q: dict[str, QTensor] = {}
+
+    def want(t: str, allow_output: bool = False) -> bool:
+        return (
+            bool(t)
+            and t in is_activation
+            and not view.is_const(t)
+            and (allow_output or t not in outputs)
+        )
+
+    def add_output(t: str, allow_output: bool = False) -> None:
+        if not want(t, allow_output) or t in q:
+            return
+        act = view.single_consumer(t)
+        bounds = absorbable(act, view) if act is not None else None
+        if act is not None and bounds is not None and want(act.output[0], allow_output):
+            q[act.output[0]] = QTensor(
+                act.output[0], bounds[0], bounds[1], pre=t, absorbed_node=act.name
+            )
+        else:
+            q[t] = QTensor(t)
+
+    by_node = {r.node: r for r in layers}
+    for n in view.nodes:
+        rec = by_node.get(n.name)
+        if rec is not None:
+            if rec.node not in active:
+                continue
+            q.setdefault(rec.input, QTensor(rec.input))
+            if rec.op_type == "Conv":
+                if heads and is_head(rec.output, view):
+                    notes.append(
+                        (rec.output, "a head output (reaches a graph output through "
+                         "shape/sigmoid/softmax ops) stays float: its conv runs in float")
+                    )
+                else:
+                    add_output(rec.output, allow_output=True)
+            else:
+                add_output(rec.output)
+        elif n.op_type in QUANT_IO_OPS:
+            ins = [i for i in n.input[: (None if n.op_type == "Concat" else 2)] if i]
+            if n.op_type == "Add" and (len(ins) != 2 or any(view.is_const(i) for i in ins)):
+                continue
+            if (
+                all(want(i) for i in ins)
+                and want(n.output[0])
+                and not (heads and is_head(n.output[0], view))
+            ):
+                for i in ins:
+                    q.setdefault(i, QTensor(i))
+                add_output(n.output[0])
+        elif n.op_type in PASS_THROUGH_OPS and n.input and n.input[0] in q:
+            t = n.output[0]
+            if want(t) and t not in q:
+                q[t] = QTensor(t, same_as=_root(n.input[0], q))
+    return q
+
+
+def _root(t: str, q: dict[str, QTensor]) -> str:
+    while q[t].same_as is not None:
+        t = q[t].same_as  # type: ignore[assignment]
+    return t
