@@ -1,7 +1,12 @@
 """Harvest BatchNormalization statistics, then fold BN into the preceding Conv/ConvTranspose/Gemm.
 
 After the fold, the layer writes the BN's output tensor name, so the statistics stay keyed by
-that tensor: its channel c is distributed with mean ``B[c]`` and std ``|scale[c]|``.
+that tensor: its channel c is distributed with mean ``B[c]`` and std ``|scale[c]|``. A layer
+whose pre-BN output is read anywhere else, including inside an If/Loop/Scan body, is not folded
+(the fold removes that tensor).
+
+Hand-written: onnxscript's BN fusion rules match these folds, but only on top of onnx_ir, which
+drops sparse initializers; the harvest and the per-rule reasons are onnxlw's either way.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ def _unfoldable(prod: onnx.NodeProto | None, bn: onnx.NodeProto, view: GraphView
         return "input is a graph input"
     if prod.op_type not in _FOLDABLE:
         return f"producer is {prod.op_type}, not Conv/ConvTranspose/Gemm"
+    if view.read_in_subgraph(prod.output[0]):
+        return "the layer output (before BN) is also read inside an If/Loop/Scan body"
     if view.single_consumer(prod.output[0]) is not bn:
         return "the layer output has other consumers"
     for i in prod.input[1:]:

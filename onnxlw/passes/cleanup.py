@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import GraphView, NameAllocator, attrs, rebuild
+from ..graph import GraphView, NameAllocator, attrs, rebuild, rename_reads
 from .base import Note, PassResult
 
 
@@ -15,7 +15,8 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
 
     A no-op whose output is a graph output is removed only when the tensor it forwards (after
     following earlier removed no-ops) can take the output's name: it is produced by a node,
-    is not a graph output itself, and has no other name claim.
+    is not a graph output itself, and has no other name claim. Readers inside If/Loop/Scan
+    bodies are renamed with the top-level ones.
     """
     view = GraphView(model)
     rename: dict[str, str] = {}
@@ -58,30 +59,26 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
             if src in view.producer and src not in view.graph_outputs and src not in out_rename:
                 out_rename[src] = dst
             else:
-                notes.append(
-                    Note(
-                        "drop_noops",
-                        n.op_type,
-                        where,
-                        False,
-                        "its output is a graph output fed by an input or constant",
-                    )
-                )
+                if src in out_rename:
+                    why = f"the tensor it forwards already takes graph output {out_rename[src]!r}"
+                elif src in view.graph_outputs:
+                    why = "its output is a graph output and so is the tensor it forwards"
+                else:
+                    why = "its output is a graph output fed by an input or constant"
+                notes.append(Note("drop_noops", n.op_type, where, False, why))
                 continue
         else:
             rename[dst] = src
         drop.add(id(n))
         notes.append(Note("drop_noops", n.op_type, where, True))
 
+    mapping = {k: out_rename.get(resolve(k), resolve(k)) for k in rename}
+    mapping.update(out_rename)
     nodes = []
     for n in view.nodes:
         if id(n) in drop:
             continue
-        m = onnx.NodeProto()
-        m.CopyFrom(n)
-        for k, i in enumerate(m.input):
-            r = resolve(i)
-            m.input[k] = out_rename.get(r, r)
+        m = rename_reads(n, mapping)
         for k, o in enumerate(m.output):
             m.output[k] = out_rename.get(o, o)
         nodes.append(m)
