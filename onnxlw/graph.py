@@ -195,8 +195,7 @@ class GraphView:
             p is not None
             and p.op_type == "Constant"
             and bool(p.attribute)
-            and p.attribute[0].name
-            in ("value", "value_float", "value_floats", "value_int", "value_ints")
+            and p.attribute[0].name in _NUMERIC_CONSTANT_ATTRS
         )
 
     def const(self, name: str) -> np.ndarray:
@@ -229,10 +228,22 @@ class GraphView:
         return None
 
 
+_NUMERIC_CONSTANT_ATTRS = (
+    "value",
+    "value_float",
+    "value_floats",
+    "value_int",
+    "value_ints",
+    "sparse_value",
+)
+
+
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     a = node.attribute[0]
     if a.name == "value":
         return numpy_helper.to_array(a.t)
+    if a.name == "sparse_value":
+        return sparse_to_dense(a.sparse_tensor)
     if a.name == "value_float":
         return np.array(a.f, dtype=np.float32)
     if a.name == "value_floats":

@@ -11,6 +11,7 @@ drops sparse initializers; the harvest and the per-rule reasons are onnxlw's eit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,17 @@ class BNStats:
         A channel whose input barely varies (var << eps, a dead channel) has std near 0.
         """
         return np.abs(self.scale) * np.sqrt(self.var / (self.var + self.epsilon))
+
+    def scaled(self, factor: np.ndarray | float) -> BNStats:
+        """The statistics of ``factor * tensor`` (per channel, shape (C,) or scalar).
+
+        For a pass that rescales this tensor's channels (cross-layer equalization): the output
+        mean and std scale by ``factor`` and ``|factor|``; ``mean``/``var`` describe the BN's
+        input and stay. The tensor is no longer the plain BN output, so ``folded_into`` stays
+        as it was (the layer that writes it).
+        """
+        f = np.broadcast_to(np.asarray(factor, np.float64), self.scale.shape)
+        return dataclasses.replace(self, scale=self.scale * f, bias=self.bias * f)
 
 
 @dataclass
