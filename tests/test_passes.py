@@ -12,11 +12,26 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import models as M
+import onnxlw.passes as P
+from onnxlw.errors import InternalError
 from onnxlw.graph import attrs
 from onnxlw.ortutil import session
-from onnxlw.passes import PassResult, canonicalize, name_nodes
+from onnxlw.passes import (
+    Canonical,
+    Note,
+    PassResult,
+    apply,
+    canonicalize,
+    check_canonical,
+    name_nodes,
+)
 from onnxlw.passes.bn_fold import fold_batchnorm
-from onnxlw.passes.cleanup import drop_noops, fuse_pad_into_conv, normalize_gemm
+from onnxlw.passes.cleanup import (
+    drop_noops,
+    explicit_conv_pads,
+    fuse_pad_into_conv,
+    normalize_gemm,
+)
 from onnxlw.passes.constants import fold_constants
 
 RTOL = 1e-4
@@ -97,6 +112,49 @@ def test_fold_constants_without_constants_records_why() -> None:
     (note,) = res.notes
     assert not note.fired and note.reason == "no constant subgraph"
     assert_same_outputs(m, res.model)
+
+
+def _constant_model(attr: str) -> onnx.ModelProto:
+    """input + Constant(``attr``): a sparse_value (numeric) or a value_strings (kept)."""
+    if attr == "sparse_value":
+        dense = np.zeros((1, 3, 1, 1), np.float32)
+        dense[0, 1, 0, 0] = 2.5
+        value = helper.make_sparse_tensor(
+            numpy_helper.from_array(np.array([2.5], np.float32), "k"),
+            numpy_helper.from_array(np.array([1], np.int64), "ki"),
+            [1, 3, 1, 1],
+        )
+        nodes = [
+            helper.make_node("Constant", [], ["k"], sparse_value=value, name="k"),
+            helper.make_node("Add", ["input", "k"], ["output"], name="add"),
+        ]
+    else:
+        nodes = [
+            helper.make_node("Constant", [], ["s"], value_strings=["a", "b"], name="s"),
+            helper.make_node("Relu", ["input"], ["output"], name="relu"),
+        ]
+    outs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 4, 4])]
+    if attr != "sparse_value":
+        outs.append(helper.make_tensor_value_info("s", TensorProto.STRING, [2]))
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])], outs
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_fold_constants_sparse_value_constant() -> None:
+    m = _constant_model("sparse_value")
+    res = run_pass(fold_constants, m)
+    assert op_counts(res.model)["Constant"] == 0
+    assert init_array(res.model, "k")[0, 1, 0, 0] == 2.5
+    assert_same_outputs(m, res.model, batch=1)
+
+
+def test_fold_constants_keeps_string_constant() -> None:
+    m = _constant_model("value_strings")
+    res = run_pass(fold_constants, m)
+    assert op_counts(res.model)["Constant"] == 1
+    assert not res.notes[0].fired
 
 
 # ------------------------------------------------------------------------------ drop_noops
@@ -457,6 +515,95 @@ def test_fuse_pad_with_constant_node_pads() -> None:
     assert_same_outputs(m, res.model)
 
 
+# ------------------------------------------------------------------------------ explicit_conv_pads
+
+
+def _auto_pad_model(
+    mode: str, stride: int, size: int, k: int, dims=None, dil: int = 1
+) -> onnx.ModelProto:
+    """input (1, 3, size, size+1) -> Conv(k x k, stride, dilation) -> output."""
+    rng = np.random.default_rng(size * 10 + k)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, k, k)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    conv = helper.make_node(
+        "Conv", ["input", "w", "b"], ["output"], name="conv", auto_pad=mode,
+        strides=[stride, stride], dilations=[dil, dil],
+    )  # fmt: skip
+    dims = dims or [1, 3, size, size + 1]
+    g = helper.make_graph(
+        [conv],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, "OH", "OW"])],
+        [w, b],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("k", [3, 2, 4])
+def test_explicit_conv_pads(mode, stride, size, k) -> None:
+    m = _auto_pad_model(mode, stride, size, k)
+    res = run_pass(explicit_conv_pads, m)
+    (note,) = res.notes
+    assert note.fired, note.reason
+    (conv,) = res.model.graph.node
+    a = attrs(conv)
+    assert "auto_pad" not in a and len(a["pads"]) == 4
+    if mode == "VALID":
+        assert a["pads"] == [0, 0, 0, 0]
+    assert_same_outputs(m, res.model, batch=1)
+
+
+def test_explicit_conv_pads_same_lower_puts_the_odd_unit_first() -> None:
+    res = run_pass(explicit_conv_pads, _auto_pad_model("SAME_LOWER", 1, 8, 2))  # total pad 1
+    assert attrs(res.model.graph.node[0])["pads"] == [1, 1, 0, 0]
+    res = run_pass(explicit_conv_pads, _auto_pad_model("SAME_UPPER", 1, 8, 2))
+    assert attrs(res.model.graph.node[0])["pads"] == [0, 0, 1, 1]
+
+
+def test_explicit_conv_pads_dilation() -> None:
+    """onnxruntime refuses dilations with SAME_* ("Dilation not supported for AutoPadType"), so
+    the spec's pads are checked by hand; the rewritten model runs."""
+    m = _auto_pad_model("SAME_LOWER", 2, 7, 3, dil=2)  # effective kernel 5
+    res = run_pass(explicit_conv_pads, m)
+    # H 7: out 4, total (4-1)*2+5-7 = 4 -> 2/2; W 8: out 4, total 3 -> lower 2, upper 1
+    assert attrs(res.model.graph.node[0])["pads"] == [2, 2, 2, 1]
+    (y,) = outputs(res.model, M.random_feeds(m, batch=1))
+    assert y.shape == (1, 4, 4, 4)
+
+
+def test_explicit_conv_pads_unknown_shape_records_why() -> None:
+    m = _auto_pad_model("SAME_UPPER", 2, 8, 3, dims=["N", 3, "H", "W"])
+    res = run_pass(explicit_conv_pads, m)
+    (note,) = res.notes
+    assert not note.fired and "spatial shape unknown" in note.reason
+    assert attrs(res.model.graph.node[0])["auto_pad"] == b"SAME_UPPER"
+    assert_same_outputs(m, res.model, batch=1)
+
+
+def test_explicit_conv_pads_reads_shapes_through_the_graph() -> None:
+    """The Conv input is an inner tensor: its shape comes from shape inference."""
+    m = M.pad_conv(pads=(0, 0, 0, 0, 0, 0, 0, 0))
+    conv = [n for n in m.graph.node if n.op_type == "Conv"][1]
+    del conv.attribute[:]
+    conv.attribute.extend(
+        [helper.make_attribute("strides", [2, 2]), helper.make_attribute("auto_pad", "SAME_UPPER")]
+    )
+    res = run_pass(explicit_conv_pads, m)
+    (note,) = [n for n in res.notes]
+    assert note.fired and note.reason == "SAME_UPPER -> [0, 0, 1, 1]"
+    assert_same_outputs(m, res.model)
+
+
+def test_explicit_conv_pads_without_auto_pad() -> None:
+    res = run_pass(explicit_conv_pads, M.conv_bn_relu())
+    (note,) = res.notes
+    assert not note.fired and note.reason == "no Conv with auto_pad"
+
+
 # ------------------------------------------------------------------------------ canonicalize
 
 ALL = {
@@ -501,6 +648,8 @@ def test_canonicalize(name) -> None:
     passes = {n.pass_name for n in canon.notes}
     assert passes == {
         "name_nodes",
+        "densify_sparse",
+        "explicit_conv_pads",
         "fold_constants",
         "drop_noops",
         "fold_batchnorm",
@@ -521,3 +670,75 @@ def test_name_nodes_gives_unique_names() -> None:
     assert all(names) and len(set(names)) == len(names)
     assert res.notes[0].fired and "named 2" in res.notes[0].reason
     assert_same_outputs(ref, res.model)  # the input has duplicate names: ORT refuses it
+
+
+# ------------------------------------------------------------------------------ Canonical passes
+
+
+def _stats_snapshot(canon: Canonical) -> dict:
+    return {
+        k: {f: np.copy(getattr(v, f)) for f in ("scale", "bias")} for k, v in canon.bn_stats.items()
+    }
+
+
+def test_apply_and_fold_bn_leave_their_input_canonical_unchanged() -> None:
+    m = M.conv_bn_relu()
+    canon = canonicalize(m)
+    model_bytes = canon.model.SerializeToString()
+    stats, keys, notes = _stats_snapshot(canon), dict(canon.bn_stats), list(canon.notes)
+    out = apply(canon, normalize_gemm)
+    out2 = P.fold_bn(out)
+    assert canon.model.SerializeToString() == model_bytes
+    assert canon.bn_stats == keys and canon.notes == notes
+    assert _stats_snapshot(canon).keys() == stats.keys()
+    for k, v in stats.items():
+        np.testing.assert_array_equal(canon.bn_stats[k].scale, v["scale"])
+    assert out.bn_stats is not canon.bn_stats and out.notes[: len(notes)] == notes
+    assert out2.bn_stats.keys() == canon.bn_stats.keys()
+    assert [n.pass_name for n in out2.notes[len(notes) :]] == ["normalize_gemm", "fold_batchnorm"]
+
+
+def test_bn_stats_scaled_matches_the_rescaled_tensor() -> None:
+    """What a rescaling pass (cross-layer equalization) records: the moments of k * tensor."""
+    m = M.conv_bn_relu()
+    canon = canonicalize(m)
+    t, s = next(iter(canon.bn_stats.items()))
+    k = np.linspace(-2.0, 3.0, s.scale.size)
+    k[k == 0] = 0.5
+    before = {f: np.copy(getattr(s, f)) for f in ("scale", "bias", "mean", "var")}
+    s2 = s.scaled(k)
+    for f, v in before.items():
+        np.testing.assert_array_equal(getattr(s, f), v)  # frozen: the original is unchanged
+    y = M.run_tensor(m, t).astype(np.float64) * k.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), s2.out_mean, atol=1e-4 * np.abs(y).max())
+    np.testing.assert_allclose(y.std(axis=(0, 2, 3)), s2.out_std, rtol=1e-4)
+    c2 = canon.replace(bn_stats={**canon.bn_stats, t: s2})
+    assert canon.bn_stats[t] is s and c2.bn_stats[t] is s2 and c2.model is canon.model
+
+
+# ------------------------------------------------------------------------------ check_canonical
+
+
+def _break_graph(model: onnx.ModelProto) -> PassResult:
+    """A broken pass: drops the first node, so its output is read but never produced."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[0]
+    return PassResult(m, [Note("broken", "drop", "graph", True)])
+
+
+def test_canonicalize_raises_internal_error_on_its_own_invalid_output(monkeypatch) -> None:
+    monkeypatch.setattr(P, "MODEL_PASSES_AFTER_BN", (*P.MODEL_PASSES_AFTER_BN, _break_graph))
+    with pytest.raises(InternalError) as e:
+        canonicalize(M.conv_bn_relu())
+    assert e.value.exit_code == 3
+    assert "canonicalize produced a model that fails onnx.checker" in str(e.value)
+    assert "report it" in str(e.value)
+
+
+def test_check_canonical_blames_an_invalid_input_not_onnxlw() -> None:
+    bad = _break_graph(M.conv_bn_relu()).model
+    check_canonical(bad, source=bad)  # the input was invalid already: not onnxlw's bug
+    with pytest.raises(InternalError):
+        check_canonical(bad, source=M.conv_bn_relu())
+    check_canonical(canonicalize(M.conv_bn_relu()).model)

@@ -1,11 +1,17 @@
 """Harvest BatchNormalization statistics, then fold BN into the preceding Conv/ConvTranspose/Gemm.
 
 After the fold, the layer writes the BN's output tensor name, so the statistics stay keyed by
-that tensor: its channel c is distributed with mean ``B[c]`` and std ``|scale[c]|``.
+that tensor: its channel c is distributed with mean ``B[c]`` and std ``|scale[c]|``. A layer
+whose pre-BN output is read anywhere else, including inside an If/Loop/Scan body, is not folded
+(the fold removes that tensor).
+
+Hand-written: onnxscript's BN fusion rules match these folds, but only on top of onnx_ir, which
+drops sparse initializers; the harvest and the per-rule reasons are onnxlw's either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +49,17 @@ class BNStats:
         A channel whose input barely varies (var << eps, a dead channel) has std near 0.
         """
         return np.abs(self.scale) * np.sqrt(self.var / (self.var + self.epsilon))
+
+    def scaled(self, factor: np.ndarray | float) -> BNStats:
+        """The statistics of ``factor * tensor`` (per channel, shape (C,) or scalar).
+
+        For a pass that rescales this tensor's channels (cross-layer equalization): the output
+        mean and std scale by ``factor`` and ``|factor|``; ``mean``/``var`` describe the BN's
+        input and stay. The tensor is no longer the plain BN output, so ``folded_into`` stays
+        as it was (the layer that writes it).
+        """
+        f = np.broadcast_to(np.asarray(factor, np.float64), self.scale.shape)
+        return dataclasses.replace(self, scale=self.scale * f, bias=self.bias * f)
 
 
 @dataclass
@@ -117,6 +134,8 @@ def _unfoldable(prod: onnx.NodeProto | None, bn: onnx.NodeProto, view: GraphView
         return "input is a graph input"
     if prod.op_type not in _FOLDABLE:
         return f"producer is {prod.op_type}, not Conv/ConvTranspose/Gemm"
+    if view.read_in_subgraph(prod.output[0]):
+        return "the layer output (before BN) is also read inside an If/Loop/Scan body"
     if view.single_consumer(prod.output[0]) is not bn:
         return "the layer output has other consumers"
     for i in prod.input[1:]:

@@ -1,12 +1,18 @@
-"""Drop inference no-ops (Identity, Dropout) and normalize Gemm and Pad for quantization."""
+"""Drop inference no-ops (Identity, Dropout) and normalize Gemm, Conv padding and Pad.
+
+All hand-written: onnx_ir's IdentityEliminationPass could drop Identity, but onnxscript's
+Dropout rule misses the unused-mask case, no library gives Gemm the transB=1/alpha=beta=1 form,
+onnxscript's Pad fusion did not fire on a TF-SAME Pad (review of 2026-11-30, section 2), and
+none turns ``auto_pad`` into explicit pads.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, shape_inference
 
-from ..graph import GraphView, NameAllocator, attrs, rebuild
+from ..graph import GraphView, NameAllocator, attrs, rebuild, rename_reads
 from .base import Note, PassResult
 
 
@@ -15,7 +21,8 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
 
     A no-op whose output is a graph output is removed only when the tensor it forwards (after
     following earlier removed no-ops) can take the output's name: it is produced by a node,
-    is not a graph output itself, and has no other name claim.
+    is not a graph output itself, and has no other name claim. Readers inside If/Loop/Scan
+    bodies are renamed with the top-level ones.
     """
     view = GraphView(model)
     rename: dict[str, str] = {}
@@ -58,30 +65,26 @@ def drop_noops(model: onnx.ModelProto) -> PassResult:
             if src in view.producer and src not in view.graph_outputs and src not in out_rename:
                 out_rename[src] = dst
             else:
-                notes.append(
-                    Note(
-                        "drop_noops",
-                        n.op_type,
-                        where,
-                        False,
-                        "its output is a graph output fed by an input or constant",
-                    )
-                )
+                if src in out_rename:
+                    why = f"the tensor it forwards already takes graph output {out_rename[src]!r}"
+                elif src in view.graph_outputs:
+                    why = "its output is a graph output and so is the tensor it forwards"
+                else:
+                    why = "its output is a graph output fed by an input or constant"
+                notes.append(Note("drop_noops", n.op_type, where, False, why))
                 continue
         else:
             rename[dst] = src
         drop.add(id(n))
         notes.append(Note("drop_noops", n.op_type, where, True))
 
+    mapping = {k: out_rename.get(resolve(k), resolve(k)) for k in rename}
+    mapping.update(out_rename)
     nodes = []
     for n in view.nodes:
         if id(n) in drop:
             continue
-        m = onnx.NodeProto()
-        m.CopyFrom(n)
-        for k, i in enumerate(m.input):
-            r = resolve(i)
-            m.input[k] = out_rename.get(r, r)
+        m = rename_reads(n, mapping)
         for k, o in enumerate(m.output):
             m.output[k] = out_rename.get(o, o)
         nodes.append(m)
@@ -224,3 +227,102 @@ def _pad_unfusable(n: onnx.NodeProto, view: GraphView) -> str:
         if ca.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return "the Conv uses auto_pad"
     return ""
+
+
+_AUTO_PADS = ("SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def explicit_conv_pads(model: onnx.ModelProto) -> PassResult:
+    """Rewrite Conv ``auto_pad=SAME_UPPER/SAME_LOWER/VALID`` as explicit ``pads``.
+
+    The SAME pads depend on the input's spatial size, read from the model's value_info and
+    graph inputs, or from shape inference when those lack it. A Conv whose input spatial size
+    is not known stays as it is, with a note. Explicit pads let ``fuse_pad_into_conv`` and the
+    im2col geometry read one padding convention.
+    """
+    view = GraphView(model)
+    targets = [n for n in view.nodes if n.op_type == "Conv" and _auto_pad(n) != "NOTSET"]
+    if not targets:
+        return PassResult(
+            rebuild(model, model.graph.node, model.graph.initializer),
+            [Note("explicit_conv_pads", "auto_pad", "graph", False, "no Conv with auto_pad")],
+        )
+    shapes = _known_shapes(model)
+    if any(_spatial(shapes.get(n.input[0])) is None for n in targets if _auto_pad(n) != "VALID"):
+        try:
+            shapes = _known_shapes(shape_inference.infer_shapes(model, strict_mode=False))
+        except Exception:  # noqa: BLE001 - e.g. a > 2 GB proto: keep what value_info says
+            pass
+    notes: list[Note] = []
+    rewrite: dict[int, onnx.NodeProto] = {}
+    for n in targets:
+        where = n.name or n.output[0]
+        mode = _auto_pad(n)
+        pads, why = _explicit_pads(n, mode, shapes, view)
+        if pads is None:
+            notes.append(Note("explicit_conv_pads", "auto_pad", where, False, why))
+            continue
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        del m.attribute[:]
+        for a in n.attribute:
+            if a.name not in ("auto_pad", "pads"):
+                m.attribute.append(a)
+        m.attribute.append(helper.make_attribute("pads", pads))
+        rewrite[id(n)] = m
+        notes.append(Note("explicit_conv_pads", "auto_pad", where, True, f"{mode} -> {pads}"))
+    nodes = [rewrite.get(id(n), n) for n in view.nodes]
+    return PassResult(rebuild(model, nodes, model.graph.initializer), notes)
+
+
+def _auto_pad(n: onnx.NodeProto) -> str:
+    v = attrs(n).get("auto_pad", b"NOTSET")
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor name -> dims (None where symbolic) from value_info, graph inputs and outputs."""
+    g = model.graph
+    out: dict[str, list[int | None]] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    return out
+
+
+def _spatial(dims: list[int | None] | None) -> list[int] | None:
+    if dims is None or len(dims) < 3 or any(d is None for d in dims[2:]):
+        return None
+    return [int(d) for d in dims[2:]]  # type: ignore[arg-type]
+
+
+def _explicit_pads(
+    n: onnx.NodeProto, mode: str, shapes: dict[str, list[int | None]], view: GraphView
+) -> tuple[list[int] | None, str]:
+    """ONNX Conv auto_pad: out = ceil(in / stride); the total pad is split evenly, the odd
+    unit at the end (SAME_UPPER) or at the start (SAME_LOWER)."""
+    a = attrs(n)
+    kernel = a.get("kernel_shape")
+    if kernel is None:
+        w = view.const_or_none(n.input[1])
+        wdims = list(w.shape) if w is not None else shapes.get(n.input[1])
+        if wdims is None or any(d is None for d in wdims[2:]):
+            return None, "kernel_shape is not given and the weight shape is unknown"
+        kernel = wdims[2:]
+    k = len(kernel)
+    if mode == "VALID":
+        return [0] * (2 * k), ""
+    spatial = _spatial(shapes.get(n.input[0]))
+    if spatial is None or len(spatial) != k:
+        return None, f"input spatial shape unknown ({mode} pads depend on it)"
+    strides = list(a.get("strides", [1] * k))
+    dil = list(a.get("dilations", [1] * k))
+    begin, end = [], []
+    for size, kk, st, d in zip(spatial, kernel, strides, dil, strict=True):
+        out = -(-size // st)
+        total = max((out - 1) * st + (kk - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return [int(p) for p in begin + end], ""

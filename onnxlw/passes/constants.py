@@ -1,7 +1,11 @@
 """Constant folding: Constant nodes become initializers; all-constant subgraphs are evaluated.
 
 Exporters emit Clip bounds and Pad amounts as Constant/Cast chains; folding them lets later
-rules read them as plain arrays.
+rules read them as plain arrays. A Constant holding strings stays a node.
+
+Hand-written, one node at a time with onnx's ReferenceEvaluator: ``gs.Graph.fold_constants``
+would fold with onnxruntime's semantics instead, but it needs the gs round trip that
+:mod:`onnxlw.graph` avoids (it drops doc strings and metadata).
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
     view = GraphView(model)
     consts: dict[str, np.ndarray] = {}
     inits = list(model.graph.initializer)
-    init_names = {t.name for t in inits}
+    init_names = {t.name for t in inits} | set(view.sparse_initializers)
     nodes: list[onnx.NodeProto] = []
     notes: list[Note] = []
     folded = 0
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for n in view.nodes:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and view.is_const(n.output[0]):
             consts[n.output[0]] = view.const(n.output[0])
             folded += 1
             continue
@@ -60,8 +64,9 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
                     continue
         nodes.append(n)
     used = used_names(nodes) | set(view.graph_outputs)
+    dense_names = {t.name for t in inits}
     for name, v in consts.items():
-        if name in used and name not in init_names:
+        if name in used and name not in dense_names and name not in view.sparse_initializers:
             inits.append(numpy_helper.from_array(np.asarray(v), name))
     notes.append(
         Note(
