@@ -1,9 +1,9 @@
 """Thin command-line front end: parse options into a Config, call the pipeline, print."""
 
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,74 +19,159 @@ from .config import (
     WeightScale,
     parse_input_range,
     parse_input_shape,
-    range_from_preprocess,
 )
-from .errors import OnnxlwError
+from .errors import InternalError, OnnxlwError
+
+DESCRIPTION = (
+    "Data-free compression of ONNX CNNs: quantizes a trained FP32 model to W8A8 QDQ that "
+    "onnxruntime fuses into integer kernels, using only the BatchNorm statistics stored in "
+    "the model (no calibration data)."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxlw", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="onnxlw", description=DESCRIPTION, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"onnxlw {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="quantize a model to W8A8 QDQ with no data")
-    c.add_argument("input", help="model.onnx")
-    c.add_argument("-o", "--output", required=True, help="where to write the QDQ model")
-    c.add_argument("--weight-bits", type=int, default=8)
-    c.add_argument("--act-bits", type=int, default=8)
-    c.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser(
+        "compress",
+        help="quantize a model to W8A8 QDQ with no data",
+        description=DESCRIPTION,
+        formatter_class=fmt,
+    )
+    c.add_argument("input", help="the FP32 model (.onnx)")
+    c.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    c.add_argument("--weight-bits", type=int, default=8, help="weight bits (8 for now)")
+    c.add_argument("--act-bits", type=int, default=8, help="activation bits (8 for now)")
+    c.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     c.add_argument(
-        "--samples",
-        type=int,
-        default=Config.samples,
-        help="synthetic images per synthesis run (default %(default)s)",
+        "--samples", type=int, default=Config.samples, help="synthetic images per synthesis run"
     )
     c.add_argument(
         "--input-shape",
         action="append",
         default=[],
         metavar="NAME:D1,D2,...",
-        help="pin dynamic input dims for synthesis (repeatable)",
+        help="pin dynamic input dims for synthesis (repeatable; -1 keeps the batch dim symbolic)",
     )
     c.add_argument(
         "--input-dist",
         choices=[e.value for e in InputDistribution],
         default=Config.input_distribution.value,
+        help="distribution of synthetic inputs (per channel zero mean, unit variance)",
     )
     c.add_argument(
         "--input-range",
         metavar="LO,HI",
-        help="declared range of input values (default: from a sidecar <model>.json with "
-        "'preprocess' mean/std next to the model, if present)",
+        help="declared range of input values, e.g. --input-range=[-2.1,2.6] (default: from a "
+        "sidecar <model>.json with 'preprocess' mean/std next to the model, if present)",
     )
     c.add_argument(
-        "--synthesis", choices=[e.value for e in Synthesis], default=Config.synthesis.value
+        "--no-sidecar",
+        action="store_true",
+        help="do not read the input range from the sidecar <model>.json",
     )
     c.add_argument(
-        "--weight-scale", choices=[e.value for e in WeightScale], default=Config.weight_scale.value
+        "--synthesis",
+        choices=[e.value for e in Synthesis],
+        default=Config.synthesis.value,
+        help="matched: push synthetic inputs through the network and match every BN's moments; "
+        "gaussian: independent N(beta, gamma^2) samples after every BN",
     )
     c.add_argument(
-        "--act-range", choices=[e.value for e in ActRange], default=Config.act_range.value
+        "--weight-scale",
+        choices=[e.value for e in WeightScale],
+        default=Config.weight_scale.value,
+        help="per-channel weight scale: minimize the layer's output error, or max|w|",
+    )
+    c.add_argument(
+        "--act-range",
+        choices=[e.value for e in ActRange],
+        default=Config.act_range.value,
+        help="per-tensor activation range: minimize quantization MSE, or min/max",
     )
     c.add_argument(
         "--bias-correction",
         choices=[e.value for e in BiasCorrection],
         default=Config.bias_correction.value,
+        help="fold the expected output shift of quantization back into the bias",
     )
     c.add_argument(
         "--float-classifier",
         action="store_true",
         help="leave Gemm/MatMul layers that produce a graph output in float",
     )
-    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument(
+        "--quantize-heads",
+        action="store_true",
+        help="also quantize the outputs of head convs that reach a graph output through "
+        "shape/sigmoid/softmax ops (off: detector logits survive real inputs)",
+    )
+    c.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep layers whose node name, weight name or op type matches this glob in float "
+        "(repeatable)",
+    )
+    c.add_argument(
+        "--saturation-guard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep x86 u8s8 weight pairs within int16 (needed on x86 without VNNI; turn off "
+        "for VNNI or ARM targets)",
+    )
+    c.add_argument("--workers", type=int, default=Config.workers, help="parallel layer solves")
+    c.add_argument(
+        "--executor",
+        choices=["threads", "processes"],
+        default=Config.executor,
+        help="where layer solves run (the output does not depend on it)",
+    )
+    c.add_argument(
+        "--memory-budget",
+        type=int,
+        default=Config.memory_budget_mb,
+        metavar="MB",
+        help="synthesized activations held at once; synthesis runs in segments beyond it",
+    )
+    c.add_argument(
+        "--fail-under",
+        type=float,
+        metavar="DB",
+        help="exit with an error (and write nothing) when the output's SQNR vs FP32 on "
+        "synthetic inputs is below DB",
+    )
+    c.add_argument("--images", metavar="DIR", help="also report agreement on these real images "
+                   "(preprocessing from the sidecar; needs Pillow)")
+    c.add_argument("--save-plan", metavar="FILE.npz", help="save the solved plan")
+    c.add_argument(
+        "--load-plan",
+        metavar="FILE.npz",
+        help="re-emit a saved plan without synthesizing or solving (same bytes)",
+    )
+    c.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="allow -o to overwrite the input")
     c.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
     c.set_defaults(func=_compress)
 
-    i = sub.add_parser("inspect", help="list layers, BN statistics and unsupported ops")
-    i.add_argument("input")
-    i.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...")
-    i.add_argument("-v", "--verbose", action="store_true")
+    i = sub.add_parser(
+        "inspect",
+        help="what compress would do: layers, BN statistics, reasons for skips",
+        formatter_class=fmt,
+    )
+    i.add_argument("input", help="the model (.onnx)")
+    i.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D1,D2,...",
+        help="pin dynamic input dims (as for compress)",
+    )
+    i.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
     i.set_defaults(func=_inspect)
 
     try:
@@ -98,23 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _input_range(a: argparse.Namespace) -> tuple[tuple[float, float] | None, str]:
-    """The declared input range and where it came from."""
-    if a.input_range:
-        return parse_input_range(a.input_range), "--input-range"
-    side = Path(a.input).with_suffix(".json")
-    if side.is_file():
-        try:
-            pre = json.loads(side.read_text()).get("preprocess", {})
-        except (OSError, ValueError, AttributeError):
-            return None, ""
-        r = range_from_preprocess(pre) if isinstance(pre, dict) else None
-        if r is not None:
-            return r, f"sidecar {side}"
-    return None, ""
-
-
-def _config(a: argparse.Namespace, input_range: tuple[float, float] | None = None) -> Config:
+def _config(a: argparse.Namespace) -> Config:
     return Config(
         weight_bits=a.weight_bits,
         act_bits=a.act_bits,
@@ -127,7 +196,15 @@ def _config(a: argparse.Namespace, input_range: tuple[float, float] | None = Non
         act_range=ActRange(a.act_range),
         bias_correction=BiasCorrection(a.bias_correction),
         quantize_classifier=not a.float_classifier,
-        input_range=input_range,
+        float_heads=not a.quantize_heads,
+        input_range=parse_input_range(a.input_range) if a.input_range else None,
+        sidecar=not a.no_sidecar,
+        exclude=tuple(a.exclude),
+        saturation_guard=a.saturation_guard,
+        workers=a.workers,
+        executor=a.executor,
+        memory_budget_mb=a.memory_budget,
+        fail_under_db=a.fail_under,
     )
 
 
@@ -147,18 +224,26 @@ def _compress(a: argparse.Namespace) -> int:
                 f"report folder {rfolder} does not exist or is not writable",
                 "pick a writable --report path",
             )
-    declared, rng_src = _input_range(a)
-    config = _config(a, declared)
+    config = _config(a)
     t0 = time.perf_counter()
-    if rng_src:
-        lo, hi = config.input_range or (0.0, 0.0)
-        print(f"input range [{lo:.4g}, {hi:.4g}] declared by {rng_src}", file=sys.stderr)
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    model, report = compress(src, config, progress=progress)
+    model, report = compress(src, config, plan=a.load_plan, progress=progress)
+    spec = report.inputs
+    if spec.get("declared_range") and str(spec.get("range_source", "")).startswith("sidecar"):
+        lo, hi = spec["declared_range"]
+        print(f"input range [{lo:.4g}, {hi:.4g}] declared by {spec['range_source']}",
+              file=sys.stderr)
     save_atomic(model, dst, external_data=report.external_data)
+    if a.save_plan:
+        report.plan.save(a.save_plan)
+    real = None
+    if a.images:
+        from .evaluation.evaluate import evaluate
+
+        real = evaluate(src, dst, a.images, None, latency_runs=0)
     report.size_before = file_size(src)
     report.size_after = file_size(dst)
     report.wall_time = round(time.perf_counter() - t0, 3)
@@ -175,6 +260,11 @@ def _compress(a: argparse.Namespace) -> int:
             ) from None
     print(f"wrote {dst}")
     print(report.summary())
+    if real is not None:
+        print(
+            f"real images      : top-1 agreement {100 * real.top1_agreement:.1f}% with FP32 on "
+            f"{real.n} images of {a.images}"
+        )
     return 0
 
 
@@ -192,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         return int(a.func(a) or 0)
-    except OnnxlwError as e:
+    except (OnnxlwError, InternalError) as e:
         if getattr(a, "verbose", False):
             raise
         print(f"onnxlw: error: {e.one_line()}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # e.g. `onnxlw inspect m.onnx | head`
+        return 0
     except KeyboardInterrupt:
         print("onnxlw: interrupted", file=sys.stderr)
         return 130
@@ -204,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, "verbose", False):
             raise
         print(
-            f"onnxlw: internal error: {type(e).__name__}: {e}; rerun with -v and report it",
+            f"onnxlw: error: {InternalError(f'{type(e).__name__}: {e}').one_line()}",
             file=sys.stderr,
         )
-        return 1
+        return InternalError.exit_code

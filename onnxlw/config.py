@@ -99,7 +99,7 @@ class Config:
     """Where layer solves run: ``threads`` or ``processes`` (results do not depend on it)."""
     fail_under_db: float | None = None
     """Raise an error when the validation SQNR of the output is below this (dB)."""
-    memory_budget_mb: int = 96
+    memory_budget_mb: int = 64
     """Synthesized activations held at once (MB); synthesis runs in segments beyond it."""
 
     def __post_init__(self) -> None:
@@ -147,6 +147,22 @@ class Config:
                 v = list(v)
             out[f.name] = v
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """The inverse of :meth:`to_dict`."""
+        kw = dict(d)
+        for f in dataclasses.fields(cls):
+            if f.name not in kw:
+                continue
+            v = kw[f.name]
+            if f.name == "input_shapes":
+                kw[f.name] = tuple((k, tuple(x)) for k, x in v.items())
+            elif f.name in ("input_range", "exclude") and v is not None:
+                kw[f.name] = tuple(v)
+            elif isinstance(getattr(cls, f.name, None), enum.Enum):
+                kw[f.name] = type(getattr(cls, f.name))(v)
+        return cls(**kw)
 
     def input_shape_map(self) -> dict[str, tuple[int, ...]]:
         """The ``input_shapes`` pins as a dict."""

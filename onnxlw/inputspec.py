@@ -107,7 +107,10 @@ def input_spec(model: onnx.ModelProto, config: Config, source: Path | None) -> I
         if pin is not None:
             if dims is not None and (
                 len(pin) != len(dims)
-                or any(isinstance(d, int) and p > 0 and d != p for d, p in zip(dims, pin, strict=True))
+                or any(
+                    isinstance(d, int) and p > 0 and d != p
+                    for d, p in zip(dims, pin, strict=True)
+                )
             ):
                 raise OnnxlwError(
                     f"--input-shape {vi.name}:{','.join(map(str, pin))} does not match the "

@@ -33,6 +33,7 @@ class LoadedModel:
     opset: int
     external_data: bool
     inputs: InputSpec
+    original_opset: int = 0
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
     """The model file (None for a ModelProto), for sessions of models over 2 GB."""
@@ -62,7 +63,7 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
         model, digest, external = _read_file(path)
     _check_weights_finite(model)
     declared_outputs = [_copy(o) for o in model.graph.output]
-    opset = default_opset(model)
+    opset = original = default_opset(model)
     if opset < MIN_OPSET:
         try:
             model = version_converter.convert_version(model, MIN_OPSET)
@@ -97,7 +98,7 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
     del model.graph.output[:]
     model.graph.output.extend(declared_outputs)
     spec = input_spec(model, config, path)
-    return LoadedModel(model, source, digest, opset, external, spec, notes, path)
+    return LoadedModel(model, source, digest, opset, external, spec, original, notes, path)
 
 
 def _copy(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:

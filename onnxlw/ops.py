@@ -221,5 +221,9 @@ class MatMulAdapter(OpAdapter):
         return m[0].T
 
 
-OPS: dict[str, OpAdapter] = {"Conv": ConvAdapter(), "Gemm": GemmAdapter(), "MatMul": MatMulAdapter()}
+OPS: dict[str, OpAdapter] = {
+    "Conv": ConvAdapter(),
+    "Gemm": GemmAdapter(),
+    "MatMul": MatMulAdapter(),
+}
 """The compressible ops (default ONNX domain). ConvTranspose comes later."""

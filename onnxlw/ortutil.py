@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -24,16 +25,21 @@ def session(
     threads: int = 0,
     optimized_path: str | None = None,
     quiet: bool = False,
+    lean: bool = False,
 ) -> ort.InferenceSession:
     """A CPU session for a model given as a path or a ModelProto.
 
     A ModelProto over 2 GB cannot be serialized: it is saved with external data to a
     temporary folder and loaded by path. ``quiet`` silences onnxruntime's error log (for runs
-    whose failure is expected and handled).
+    whose failure is expected and handled). ``lean`` turns the memory arena and memory
+    patterns off, so memory is returned after each run (synthesis runs once per session).
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.log_severity_level = 4 if quiet else 3
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -133,6 +139,18 @@ def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Synthesis and validation free large activations between runs; without this glibc keeps
+    them mapped and the process's resident size reports the high-water mark of every run.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_batched(
     model: onnx.ModelProto,
     feeds: dict[str, np.ndarray],
@@ -149,9 +167,11 @@ def run_batched(
     concatenated, others are taken from the first chunk. Returns (outputs, chunked).
     """
     if static is None or static == n:
-        return session(model).run(outputs, feeds), False
+        return session(model, lean=True, level=LEAN_LEVEL).run(outputs, feeds), False
     try:
-        res = session(with_symbolic_batch(model), quiet=True).run(outputs, feeds)
+        res = session(
+            with_symbolic_batch(model), quiet=True, lean=True, level=LEAN_LEVEL
+        ).run(outputs, feeds)
         if all(r.dtype.kind != "f" or r.ndim < 2 or r.shape[0] == n for r in res):
             return res, False
     except Exception:  # noqa: BLE001 - the graph hard-codes its batch size
@@ -161,10 +181,12 @@ def run_batched(
             f"the model hard-codes batch size {static}, which does not divide {n} samples",
             f"pass --samples as a multiple of {static}",
         )
-    sess = session(model)
+    sess = session(model, lean=True, level=LEAN_LEVEL)
     parts: list[list[np.ndarray]] = []
     for i in range(0, n, static):
-        chunk = {k: v[i : i + static] if v.ndim and v.shape[0] == n else v for k, v in feeds.items()}
+        chunk = {
+            k: v[i : i + static] if v.ndim and v.shape[0] == n else v for k, v in feeds.items()
+        }
         parts.append(sess.run(outputs, chunk))
     out = []
     for j, first in enumerate(parts[0]):
@@ -190,3 +212,8 @@ def file_size(path: str | os.PathLike) -> int:
                     if ext.exists():
                         total += ext.stat().st_size
     return total
+
+
+LEAN_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+"""Synthesis sessions run each graph once: basic optimizations only (no channels-last
+layout copies, which raise peak memory)."""

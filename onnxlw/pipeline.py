@@ -153,7 +153,7 @@ def solve(
         bias_correction=config.bias_correction.value,
     )
     plan = Plan(format="qdq", meta={"input_sha256": loaded.sha256, "options": config.to_dict()})
-    for name, qt in analysis.qtensors.items():
+    for name in analysis.qtensors:
         root = name
         while analysis.qtensors[root].same_as is not None:
             root = analysis.qtensors[root].same_as  # type: ignore[assignment]
@@ -188,7 +188,8 @@ def no_layers_error(analysis: Analysis, model: onnx.ModelProto) -> OnnxlwError:
         )
     if not analysis.layers:
         return OnnxlwError(
-            "no Conv, Gemm or MatMul layer in the graph", "pass a CNN with Conv/Gemm layers"
+            "no compressible layer: no Conv, Gemm or MatMul in the graph",
+            "pass a CNN with Conv/Gemm layers",
         )
     counts: dict[str, int] = {}
     for r in reasons:

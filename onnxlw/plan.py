@@ -90,7 +90,9 @@ class Plan:
         except OSError as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise OnnxlwError(f"could not write plan {path}: {e.strerror}", "check the path") from None
+            raise OnnxlwError(
+                f"could not write plan {path}: {e.strerror}", "check the path"
+            ) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

@@ -16,9 +16,19 @@ import onnx
 from .config import Config
 from .errors import InternalError
 from .inputspec import InputSpec
-from .ortutil import conv_counts, optimized_session, run_batched
+from .ortutil import (
+    LEAN_LEVEL,
+    conv_counts,
+    optimized_session,
+    release_memory,
+    run,
+    run_batched,
+    session,
+)
 from .synth import draw_inputs
 
+VALIDATE_CHUNK = 4
+"""Validation runs the compressed model on this many inputs at a time (bounded memory)."""
 BROKEN_DB = 10.0
 """Below this validation SQNR the output is flagged as looking broken."""
 
@@ -61,8 +71,14 @@ def validate(
     if b0 and n % b0:
         n = b0 * -(-n // b0)  # a whole number of the model's fixed batches
     feeds = draw_inputs(inputs, config, n, rng)
-    ref, _ = run_batched(reference, feeds, None, n, b0)
-    got, _ = run_batched(quantized, feeds, None, n, b0)
+    release_memory()
+    chunk = b0 or VALIDATE_CHUNK
+    if b0 is None:
+        ref = run(session(reference, lean=True, level=LEAN_LEVEL), feeds, batch=chunk)
+    else:
+        ref, _ = run_batched(reference, feeds, None, n, b0)
+    release_memory()
+    got = run(qs, feeds, batch=chunk if chunk < n else 0)
     sig = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref if r.dtype.kind == "f")
     err = sum(
         float(np.sum((r.astype(np.float64) - g) ** 2))

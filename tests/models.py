@@ -374,12 +374,16 @@ def shared_weight(*, batch: Dim = 1, seed: int = 12, opset: int = 17) -> onnx.Mo
     return b.model(_in(batch, (16, 16)), _out(y, batch, 8, (16, 16)))
 
 
-def unsupported_op(*, batch: Dim = 1, seed: int = 13, opset: int = 17, op: str = "CumSum"):
-    """conv-bn-relu, an op synthesis cannot run (CumSum, or com.microsoft Gelu), conv-bn-relu."""
+def unsupported_op(*, batch: Dim = 1, seed: int = 13, opset: int = 17, op: str = "Random"):
+    """conv-bn-relu, an op synthesis cannot run (a random op, or com.microsoft Gelu), or a
+    standard op it runs (CumSum), then conv-bn-relu."""
     b = Builder(seed, opset)
     y = b.conv_bn_relu("input", 3, 8)
     if op == "CumSum":
         y = b.node("CumSum", [y, b.init("axis", np.array(3, np.int64))])
+    elif op == "Random":
+        noise = b.node("RandomNormalLike", [y], scale=1e-3, seed=1.0)
+        y = b.node("Add", [y, noise])
     elif op == "Gelu":
         b.domains["com.microsoft"] = 1
         y = b.node("Gelu", [y], domain="com.microsoft")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -39,7 +40,8 @@ MODELS = {
     "identity_dropout": (lambda: M.identity_dropout(batch="N"), ()),
     "const_subgraph": (lambda: M.const_subgraph(batch="N"), ()),
     "shared_weight": (lambda: M.shared_weight(batch="N"), ()),
-    "unsupported_cumsum": (lambda: M.unsupported_op(batch="N"), ("conv_w",)),
+    "unsupported_random": (lambda: M.unsupported_op(batch="N"), ("conv_w",)),
+    "standard_cumsum": (lambda: M.unsupported_op(batch="N", op="CumSum"), ()),
     "unsupported_ms_gelu": (lambda: M.unsupported_op(batch="N", op="Gelu"), ("conv_w",)),
 }
 
@@ -57,14 +59,15 @@ SQNR_FLOOR = {
     "convtranspose_bn": (21.6, 25.4),  # 27.6, 31.4
     "depthwise": (26.6, 27.8),  # 32.6, 33.8
     "gemm_bn": (12.2, -0.4),  # 18.2, 5.6
-    "gemm_head": (40.9, 33.3),  # 46.9, 39.3
+    "gemm_head": (40.9, 24.5),  # 46.9, 30.5 (validation draw: seeds give 30-46 dB)
     "gemm_transb0": (41.1, 16.7),  # 47.1, 22.7
     "identity_dropout": (27.4, 30.2),  # 33.4, 36.2
     "pad_conv": (26.0, 25.8),  # 32.0, 31.8
     "residual": (24.3, 25.3),  # 30.3, 31.3
     "se_block": (26.1, 19.5),  # 32.1, 25.5
     "shared_weight": (26.8, 28.6),  # 32.8, 34.6
-    "unsupported_cumsum": (30.6, 37.0),  # 36.6, 43.0
+    "unsupported_random": (30.6, 12.0),  # 36.6, 13.0 (the noise op is not quantized)
+    "standard_cumsum": (30.6, 10.0),  # 36.6, 13.0 (CumSum output: wide per-tensor range)
     "unsupported_ms_gelu": (29.5, 33.2),  # 35.5, 39.2
 }
 
@@ -229,7 +232,7 @@ def test_bn_folded_model_reports_missing_statistics() -> None:
 
 @pytest.mark.parametrize(
     ("name", "op"),
-    [("unsupported_cumsum", "CumSum"), ("unsupported_ms_gelu", "com.microsoft.Gelu")],
+    [("unsupported_random", "RandomNormalLike"), ("unsupported_ms_gelu", "com.microsoft.Gelu")],
 )
 def test_unsupported_op_skips_layer_with_reason(name, op) -> None:
     m, out, report = compressed(name)
@@ -273,10 +276,24 @@ def test_static_batch_one_compresses() -> None:
     assert ortutil.fused_conv_counts(out) == (2, 0)
 
 
-def test_conv_producing_graph_output_fuses() -> None:
+def test_head_conv_output_stays_float_unless_asked() -> None:
+    """A conv whose output is a graph output (a detector head) keeps its output in float by
+    default, with the reason in the report; --quantize-heads fuses it."""
     out, report = onnxlw.compress(M.conv_output(batch="N"), CFG)
     assert report.layers_quantized == 2
+    assert ortutil.fused_conv_counts(out) == (1, 1)
+    assert report.layers[1].output_float and "head" in report.layers[1].output_float
+    assert any("head conv output" in w for w in report.warnings)
+    out, report = onnxlw.compress(
+        M.conv_output(batch="N"), dataclasses.replace(CFG, float_heads=False)
+    )
     assert ortutil.fused_conv_counts(out) == (2, 0)
+
+
+def test_standard_op_between_layers_is_synthesized() -> None:
+    """Every standard op onnxruntime runs (CumSum, LayerNormalization, ...) runs in synthesis."""
+    _, report = onnxlw.compress(M.unsupported_op(batch="N", op="CumSum"), CFG)
+    assert report.unsupported_ops == [] and report.layers_quantized == 2
 
 
 def test_gemm_with_broadcast_bias_compresses() -> None:

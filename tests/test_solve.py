@@ -36,9 +36,34 @@ class Layer:
     def solve(self, x: np.ndarray, **spec) -> tuple:
         xq = spec.pop("xq", None)
         order = spec.pop("pair_order", None)
-        p = LayerProblem(self.w[None], x[:, None, :], xq, self.b[None], QuantSpec(**spec), order)
-        s = solve_weights(p)
+        xq3 = xq[:, None, :] if xq is not None and xq.ndim == 2 else xq
+        p = LayerProblem.from_samples(
+            self.w[None], x[:, None, :], bias=self.b[None], xq=xq3, pair_order=order
+        )
+        qs = QuantSpec(**spec)
+        s = Sol(solve_weights(p, qs), self.w[None], self.b[None], qs.qmax)
         return s, s.dequantized()[0].astype(np.float64), s.bias[0].astype(np.float64)
+
+
+class Sol:
+    """A LayerSolution with a quantized encoding, seen through the old field names."""
+
+    def __init__(self, sol, w: np.ndarray, b: np.ndarray | None, qmax: int) -> None:  # noqa: ANN001
+        enc = sol.encoding
+        self.solution = sol
+        self.q, self.scale, self.bias = enc.q, enc.scale, sol.bias
+        self.sqnr_db = sol.stats["sqnr_db"]
+        self.sqnr_minmax_db = sol.stats["sqnr_minmax_db"]
+        self.saturation_fixes = sol.stats["saturation_fixes"]
+        self.bias_shift = sol.bias - (b if b is not None else 0)
+        base = np.abs(w).max(axis=2) / qmax
+        self.clip = self.scale / np.where(base > 0, base, 1)
+
+    def dequantized(self) -> np.ndarray:
+        """q * scale, shape (G, O, K); equals the solution's float weight."""
+        d = self.q * self.scale[..., None]
+        np.testing.assert_allclose(d, self.solution.weight, rtol=1e-6)
+        return d
 
 
 def out_err(w: np.ndarray, wq: np.ndarray, x: np.ndarray) -> float:

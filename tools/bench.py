@@ -73,10 +73,8 @@ from onnxlw import (  # noqa: E402
     Synthesis,
     WeightScale,
     __version__,
-    compress,
     ortutil,
 )
-from onnxlw.config import range_from_preprocess  # noqa: E402
 from onnxlw.evaluation import (  # noqa: E402
     Preprocess,
     load_images,
@@ -86,7 +84,6 @@ from onnxlw.evaluation import (  # noqa: E402
     select_preset,
 )
 from onnxlw.evaluation.preprocess import list_images, sidecar_path, spread_indices  # noqa: E402
-from onnxlw.io import save_atomic  # noqa: E402
 
 
 def _load_tool(name: str) -> ModuleType:
@@ -119,7 +116,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "act_range=minmax": {"act_range": ActRange.MINMAX},
     "bias_correction=none": {"bias_correction": BiasCorrection.NONE},
     "saturation_guard=off": {"saturation_guard": False},
-    "input_range=synthesized": {"input_range": None},
+    "input_range=synthesized": {"sidecar": False},
 }
 DEFAULT_ABLATION_MODELS = ("mobilenetv2", "resnet20_cifar10")
 QUICK: dict[str, Any] = {"models": ["resnet20_cifar10"], "limit": 500, "latency_runs": 20}
@@ -275,31 +272,50 @@ def calibration(
 # producing and measuring candidates
 
 
+_CHILD = """
+import json, sys
+from onnxlw import Config, compress
+from onnxlw.io import save_atomic
+model, out, cfg, rep = sys.argv[1:5]
+q, r = compress(model, Config.from_dict(json.loads(cfg)))
+save_atomic(q, out)
+open(rep, "w").write(r.to_json())
+"""
+
+
 def produce(
     c: Candidate, model: Path, out: Path, calib: np.ndarray, noise: np.ndarray
 ) -> tuple[float, dict[str, Any]]:
     """Write candidate ``c`` of ``model`` to ``out``; returns (wall seconds, extra facts)."""
     if c.kind == "onnxlw":
-        # The CLI reads the declared input range from the sidecar next to the model; the API
-        # takes it explicitly, so do the same here.
-        side = json.loads(sidecar_path(model).read_text()).get("preprocess", {})
-        base = dataclasses.replace(Config(**BASE_CONFIG), input_range=range_from_preprocess(side))
-        cfg = dataclasses.replace(base, **c.overrides)
+        # The API reads the declared input range from the sidecar next to the model (as the
+        # CLI does). compress runs in a fresh child process so that its peak RSS is measured
+        # alone (os.wait4), not on top of this process's image cache.
+        cfg = dataclasses.replace(Config(**BASE_CONFIG), **c.overrides)
+        rep_path = out.with_suffix(".report.json")
         t0 = time.perf_counter()
-        q, rep = compress(model, cfg)
-        save_atomic(q, out)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(model), str(out), json.dumps(cfg.to_dict()),
+             str(rep_path)],
+            stderr=subprocess.PIPE,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
         secs = time.perf_counter() - t0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        if status != 0:
+            raise RuntimeError(f"onnxlw failed: {err.strip().splitlines()[-1:]}")
+        rep = json.loads(rep_path.read_text())
         extra: dict[str, Any] = {
             "config": cfg.to_dict(),
-            "report_wall_time": rep.wall_time,
-            "stages": dict(rep.stages),
-            "fallback": rep.fallback,
-            "bn_found": rep.bn_found,
-            "warnings": list(rep.warnings),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "report_wall_time": rep["wall_time"],
+            "stages": rep["stages"],
+            "fallback": rep["fallback"],
+            "bn_found": rep["bn_found"],
+            "warnings": rep["warnings"],
         }
-        if rep.validation is not None:
-            extra["validation_qlinear_conv"] = rep.validation.qlinear_conv
-            extra["validation_top1_agreement_synthetic"] = rep.validation.top1_agreement
+        if rep.get("validation"):
+            extra["validation_qlinear_conv"] = rep["validation"]["qlinear_conv"]
         return secs, extra
     if c.kind == "ort-static":
         data = noise if c.calib == "gaussian" else calib
@@ -487,23 +503,23 @@ def render_model(name: str, res: dict[str, Any]) -> str:
         f"ORT calibration: {cal['n']} images of {Path(cal['source']).name}, {cal['note']}.",
         "",
         "| candidate | Δtop-1 (pts) | agree % | KL(fp32‖cand) | latency × | size × "
-        "| QLinearConv/Conv | wall s | wall ÷ ORT-U8S8 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| QLinearConv/Conv | wall s | wall ÷ ORT-U8S8 | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| fp32 | {_pct(fp['top1'])} (top-1) | 100.0 | 0 | 1.00 "
-        f"| 1.000 | {fp['qlinearconv']}/{fp['float_conv']} | — | — |",
+        f"| 1.000 | {fp['qlinearconv']}/{fp['float_conv']} | — | — | — |",
     ]
     notes: list[str] = []
     for cname, r in res["candidates"].items():
         label = f"{cname} †" if r.get("calibration") == "real" and cal["overlap"] else cname
         if "error" in r:
-            lines.append(f"| {label} | failed | | | | | | | |")
+            lines.append(f"| {label} | failed | | | | | | | | |")
             notes.append(f"{cname} failed: {r['error']}")
             continue
         lines.append(
             f"| {label} | {_f(r['delta_top1_pts'], '+.1f')} | {100 * r['top1_agreement']:.1f} "
             f"| {r['kl_mean']:.4f} | {_f(r.get('latency_ratio'), '.2f')} "
             f"| {_f(r.get('size_ratio'), '.3f')} | {_conv_cell(r)} | {r['wall_s']:.2f} "
-            f"| {_f(r.get('wall_ratio_to_ort_u8s8'), '.2f')} |"
+            f"| {_f(r.get('wall_ratio_to_ort_u8s8'), '.2f')} | {_f(r.get('peak_rss_mb'), '.0f')} |"
         )
         if r.get("fallback"):
             notes.append(f"{cname}: no BatchNorm statistics found, fallback {r['fallback']}")

@@ -39,7 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help='sidecar JSON (or its "preprocess" dict); default: REF\'s <model>.json',
     )
     p.add_argument("--limit", type=int, metavar="N", help="evaluate an evenly spread N images")
-    p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    p.add_argument(
+        "--report", "--json", dest="json", metavar="OUT.json",
+        help="also write the results as JSON (--json is the old spelling)",
+    )
     p.add_argument(
         "--latency-runs", type=int, default=50, metavar="N", help="batch-1 runs (0: skip)"
     )

@@ -32,12 +32,13 @@ def conv_patches(
     idx = np.sort(rng.choice(total, size=m, replace=False)) if m < total else np.arange(total)
     bi, rem = np.divmod(idx, oh * ow)
     yi, xi = np.divmod(rem, ow)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     ky = np.arange(kh) * dh
     kx = np.arange(kw) * dw
-    rows = (yi * sh)[:, None, None] + ky[None, :, None]  # (M, kh, 1)
-    cols = (xi * sw)[:, None, None] + kx[None, None, :]  # (M, 1, kw)
-    patches = xp[bi[:, None, None], :, rows, cols]  # (M, kh, kw, C)
+    rows = (yi * sh)[:, None, None] + ky[None, :, None] - pt  # (M, kh, 1), unpadded coords
+    cols = (xi * sw)[:, None, None] + kx[None, None, :] - pl  # (M, 1, kw)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (M, kh, kw); else a pad
+    patches = x[bi[:, None, None], :, np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)]
+    patches = np.where(inside[..., None], patches, np.zeros((), x.dtype))  # (M, kh, kw, C)
     patches = np.moveaxis(patches, 3, 1)  # (M, C, kh, kw)
     return patches.reshape(m, group, (c // group) * kh * kw)
 

@@ -24,7 +24,7 @@ from ..config import Config, Synthesis
 from ..graph import GraphView, NameAllocator, used_names
 from ..inputspec import InputSpec
 from ..io import default_opset
-from ..ortutil import run_batched
+from ..ortutil import release_memory, run_batched
 from ..passes import Canonical
 from .inputs import synthetic_input
 
@@ -108,6 +108,7 @@ def synthesize(
                 sink(targets[name], got[name])
         carry = {n: v for n, v in {**carry, **got}.items() if n in needed_later}
         del res, got
+        release_memory()
     fallback = None if stats else "propagated-input-distribution"
     if chunked:  # a graph with a hard-coded batch: each image was matched on its own
         fallback = (fallback + "+" if fallback else "") + "per-image-batches"
@@ -196,7 +197,8 @@ def _segment_model(
     read: set[str] = set().union(*reads[a:b]) if seg else set()
     later: set[str] = set().union(*reads[b:]) if b < len(nodes) else set()
     ins = [i for i in sorted(read) if i not in produced and i not in inits]
-    outs = list(dict.fromkeys(o for n in seg for o in n.output if o and (o in targets or o in later)))
+    outs = [o for n in seg for o in n.output if o and (o in targets or o in later)]
+    outs = list(dict.fromkeys(outs))
     vis = []
     for i in ins:
         if i in graph_in:
@@ -321,55 +323,66 @@ def _prune(nodes: list[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProt
 
 def _moment_match(
     t: str,
-    s,
+    s,  # noqa: ANN001 - BNStats
     alloc: NameAllocator,
-    opset: int,  # noqa: ANN001 - BNStats
+    opset: int,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
-    """Nodes computing B + |scale| * standardize(t) per channel (axis 1) over the batch."""
+    """Nodes computing B + |scale| * standardize(t) per channel (axis 1) over the batch.
+
+    Written to hold few full-size temporaries: the centred tensor d, then d * a + B with the
+    per-channel factor a = |scale| / std (the variance comes from ReduceSumSquare of d).
+    """
     c = len(s.bias)
     n = lambda base: alloc.fresh(f"{t}__mm_{base}")  # noqa: E731
-    eps_n = n("eps")
-    inits = [numpy_helper.from_array(np.array(1e-12, np.float32), eps_n)]
-    # Flatten to (N, C, L) so one set of axes works for any rank >= 2.
-    shape_n, x3, m, d, d2, v, ve, sd, z, zs, y3, out = (
-        n(k) for k in ("shape", "x3", "m", "d", "d2", "v", "ve", "sd", "z", "zs", "y3", "out")
+    inits: list[onnx.TensorProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        nm = n(name)
+        inits.append(numpy_helper.from_array(value, nm))
+        return nm
+
+    shp3 = const("shp3", np.array([0, c, -1], np.int64))
+    shape_n, x3, m, d, ss, cnt_i, cnt_f, cnt_c, v = (
+        n(k) for k in ("shape", "x3", "m", "d", "ss", "cnt_i", "cnt_f", "cnt_c", "v")
     )
-    shp3 = n("shp3")
-    inits.append(numpy_helper.from_array(np.array([0, c, -1], np.int64), shp3))
     nodes = [
         helper.make_node("Shape", [t], [shape_n]),
         helper.make_node("Reshape", [t, shp3], [x3]),
     ]
     axes = [0, 2]
     if opset >= 18:
-        ax = n("axes")
-        inits.append(numpy_helper.from_array(np.array(axes, np.int64), ax))
+        ax = const("axes", np.array(axes, np.int64))
         nodes += [helper.make_node("ReduceMean", [x3, ax], [m], keepdims=1)]
     else:
         nodes += [helper.make_node("ReduceMean", [x3], [m], axes=axes, keepdims=1)]
-    nodes += [helper.make_node("Sub", [x3, m], [d]), helper.make_node("Mul", [d, d], [d2])]
+    nodes += [helper.make_node("Sub", [x3, m], [d])]
     if opset >= 18:
-        nodes += [helper.make_node("ReduceMean", [d2, ax], [v], keepdims=1)]
+        nodes += [helper.make_node("ReduceSumSquare", [d, ax], [ss], keepdims=1)]
     else:
-        nodes += [helper.make_node("ReduceMean", [d2], [v], axes=axes, keepdims=1)]
-    s3, b3 = n("std3"), n("mean3")
-    inits += [
-        numpy_helper.from_array(s.out_std.astype(np.float32).reshape(1, c, 1), s3),
-        numpy_helper.from_array(s.out_mean.astype(np.float32).reshape(1, c, 1), b3),
+        nodes += [helper.make_node("ReduceSumSquare", [d], [ss], axes=axes, keepdims=1)]
+    # values per channel = Size(x) / C
+    nodes += [
+        helper.make_node("Size", [x3], [cnt_i]),
+        helper.make_node("Cast", [cnt_i], [cnt_f], to=TensorProto.FLOAT),
+        helper.make_node("Div", [cnt_f, const("c", np.array(float(c), np.float32))], [cnt_c]),
+        helper.make_node("Div", [ss, cnt_c], [v]),
     ]
+    s3 = const("std3", s.out_std.astype(np.float32).reshape(1, c, 1))
+    b3 = const("mean3", s.out_mean.astype(np.float32).reshape(1, c, 1))
     # Regularize near-dead channels: add 1e-6 of the mean channel variance, so a channel the
     # synthetic input leaves (almost) constant is not amplified into noise.
-    vm, vms, vr, rel = n("vmean"), n("vmean_s"), n("vreg"), n("rel")
-    inits.append(numpy_helper.from_array(np.array(1e-6, np.float32), rel))
+    vm, vms, vr, ve, sd, a, da, y3, out = (
+        n(k) for k in ("vmean", "vmean_s", "vreg", "ve", "sd", "a", "da", "y3", "out")
+    )
     nodes += [
         helper.make_node("ReduceMean", [v], [vm], keepdims=1),
-        helper.make_node("Mul", [vm, rel], [vms]),
+        helper.make_node("Mul", [vm, const("rel", np.array(1e-6, np.float32))], [vms]),
         helper.make_node("Add", [v, vms], [vr]),
-        helper.make_node("Add", [vr, eps_n], [ve]),
+        helper.make_node("Add", [vr, const("eps", np.array(1e-12, np.float32))], [ve]),
         helper.make_node("Sqrt", [ve], [sd]),
-        helper.make_node("Div", [d, sd], [z]),
-        helper.make_node("Mul", [z, s3], [zs]),
-        helper.make_node("Add", [zs, b3], [y3]),
+        helper.make_node("Div", [s3, sd], [a]),
+        helper.make_node("Mul", [d, a], [da]),
+        helper.make_node("Add", [da, b3], [y3]),
         helper.make_node("Reshape", [y3, shape_n], [out]),
     ]
     return nodes, inits, out
