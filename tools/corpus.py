@@ -204,8 +204,27 @@ def build_model(arch: str) -> Any:
     return getattr(tv.models, arch)(**kw)
 
 
-def calibrate_bn(model: Any, res: int, seed: int, passes: int = 3, batch: int = 4) -> int:
-    """Give every BN non-trivial running stats: random affine, then train-mode passes."""
+def pink_noise(shape: tuple[int, ...], seed: int) -> Any:
+    """N(0, 1)-marginal images with a 1/f amplitude spectrum (natural images are close to
+    1/f); white noise would give BN statistics no trained network has."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    spec = np.fft.rfftn(x, axes=(2, 3))
+    fy, fx = np.fft.fftfreq(shape[2]), np.fft.rfftfreq(shape[3])
+    f = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    f[0, 0] = f.flat[1]
+    x = np.fft.irfftn(spec / f, s=shape[2:], axes=(2, 3))
+    x = (x - x.mean(axis=(0, 2, 3), keepdims=True)) / x.std(axis=(0, 2, 3), keepdims=True)
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def calibrate_bn(model: Any, res: int, seed: int, passes: int = 3, batch: int = 4,
+                 calib_input: str = "pink") -> int:
+    """Give every BN non-trivial running stats: random affine, then train-mode passes on
+    seeded pink-noise (or white ``gaussian``) images."""
     import torch
     from torch import nn
 
@@ -220,8 +239,11 @@ def calibrate_bn(model: Any, res: int, seed: int, passes: int = 3, batch: int = 
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the passes
         model.train()
-        for _ in range(passes):
-            model(torch.randn(batch, 3, res, res, generator=g))
+        for i in range(passes):
+            if calib_input == "pink":
+                model(pink_noise((batch, 3, res, res), seed * 1000 + i))
+            else:
+                model(torch.randn(batch, 3, res, res, generator=g))
     model.eval()
     return len(bns)
 
@@ -249,14 +271,15 @@ def _post_process(path: Path, post: str | None) -> None:
     onnx.save(m, str(path))
 
 
-def export_one(spec: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
+def export_one(spec: dict[str, Any], out: Path, seed: int, calib_input: str = "pink"
+               ) -> dict[str, Any]:
     """Export one spec to ``out/<name>.onnx``; returns its manifest entry."""
     import onnx
     import torch
 
     torch.manual_seed(seed)
     model = build_model(spec["arch"])
-    nbn = calibrate_bn(model, min(spec["res"], 128), seed)
+    nbn = calibrate_bn(model, min(spec["res"], 128), seed, calib_input=calib_input)
     res = spec["res"]
     x = torch.randn(1, 3, res, res)
     path = out / f"{spec['name']}.onnx"
@@ -293,7 +316,7 @@ def export_one(spec: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
         "bn": "kept" if bn_nodes else "folded", "bn_requested": spec["bn"],
         "bn_nodes": bn_nodes, "bn_modules": nbn, "batch": spec["batch"],
         "exporter": spec["exporter"], "post": spec["post"], "res": res,
-        "size": path.stat().st_size, "seed": seed,
+        "size": path.stat().st_size, "seed": seed, "bn_calib_input": calib_input,
     }
 
 
@@ -331,7 +354,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             continue
         t = time.time()
         try:
-            e = export_one(s, out, a.seed)
+            e = export_one(s, out, a.seed, a.calib_input)
         except Exception as ex:  # noqa: BLE001 - record and go on
             print(f"FAILED {s['name']}: {type(ex).__name__}: {str(ex).splitlines()[0][:200]}")
             continue
@@ -431,19 +454,76 @@ def _peak_rss_from_time(text: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _lines(text: str) -> list[str]:
+    """onnxlw's own lines: no progress ticks, no /usr/bin/time block, no ANSI codes."""
+    text = ANSI.sub("", text.split("\tCommand being timed")[0])
+    return [ln.strip() for ln in text.splitlines()
+            if ln.strip() and not re.match(r"^\[\s*[\d.]+s\]", ln)
+            and not ln.startswith("Command exited with non-zero status")]
+
+
 def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines()
-             if ln.strip() and not re.match(r"^\[\s*[\d.]+s\]", ln)
-             and not ln.startswith("\t") and "Command being timed" not in ln]
-    return lines[-1].strip() if lines else ""
+    lines = _lines(text)
+    return lines[-1] if lines else ""
 
 
 def _first_error(text: str) -> str:
-    for ln in text.splitlines():
-        s = ln.strip()
-        if re.match(r"^(onnxlw: )?error", s, re.I) or re.match(r"^\w*(Error|Exception):", s):
+    for s in _lines(text):
+        if re.match(r"^(onnxlw: )?(internal )?error", s, re.I) or re.match(
+                r"^\w*(Error|Exception):", s):
             return s
     return ""
+
+
+def _dims(path: Path) -> list[str]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    out = []
+    for vi in m.graph.output:
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            out.append(f"{vi.name}:<no shape>")
+            continue
+        ds = [d.dim_param if d.HasField("dim_param") else
+              (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        out.append(f"{vi.name}:[{','.join(ds)}]")
+    return out
+
+
+def parse_run(res: dict[str, Any], src: Path, dst: Path, rep: Path, so: str, se: str
+              ) -> dict[str, Any]:
+    """Fill the measured fields of one result from its stdout/stderr and report JSON."""
+    res.update({
+        "peak_rss": _peak_rss_from_time(se),
+        "last_line": _last_line(se) or _last_line(so),
+        "error": _first_error(se) or _first_error(so),
+        "traceback": "Traceback (most recent call last)" in se,
+        "stdout_warnings": [ln for ln in _lines(so) if re.match(r"^warning", ln, re.I)],
+        "ort_errors": len(re.findall(r"\[E:onnxruntime", se)),
+        "size_before": src.stat().st_size,
+        "size_after": dst.stat().st_size if dst.exists() else None,
+    })
+    if dst.exists():
+        before, after = _dims(src), _dims(dst)
+        res["output_dims"] = before
+        res["output_dims_after"] = after if after != before else None
+    if rep.exists():
+        d = json.loads(rep.read_text())
+        v = d.get("validation") or {}
+        res.update({
+            "layers_quantized": d.get("layers_quantized"), "layers_total": len(d["layers"]),
+            "qlinear_conv": v.get("qlinear_conv"), "float_conv": v.get("float_conv"),
+            "sqnr_db": v.get("sqnr_db"), "top1_agreement": v.get("top1_agreement"),
+            "warnings": d.get("warnings"), "fallback": d.get("fallback"),
+            "unsupported_ops": d.get("unsupported_ops"), "bn_found": d.get("bn_found"),
+            "skipped": sorted({str(x["skipped"]) for x in d["layers"] if x.get("skipped")}),
+        })
+    res["category"] = categorize(res)
+    return res
 
 
 def run_one(entry: dict[str, Any], models: Path, out: Path, onnxlw: list[str],
@@ -469,30 +549,13 @@ def run_one(entry: dict[str, Any], models: Path, out: Path, onnxlw: list[str],
         se = se.decode() if isinstance(se, bytes) else se
     wall = time.time() - t
     (out / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{so}\n--- stderr\n{se}")
-    onnxlw_err = se.split("\tCommand being timed")[0]
     res: dict[str, Any] = {
         "name": name, "file": entry["file"], "source": entry.get("source"),
         "opset": entry.get("opset"), "bn": entry.get("bn"), "bn_nodes": entry.get("bn_nodes"),
         "input_shape_pins": pins, "command": " ".join(cmd), "exit_code": rc,
-        "wall_s": round(wall, 2), "peak_rss": _peak_rss_from_time(se),
-        "last_line": _last_line(onnxlw_err) or _last_line(so),
-        "error": _first_error(onnxlw_err) or _first_error(so),
-        "traceback": "Traceback (most recent call last)" in onnxlw_err,
-        "size_before": src.stat().st_size,
-        "size_after": dst.stat().st_size if dst.exists() else None,
+        "wall_s": round(wall, 2),
     }
-    if rep.exists():
-        d = json.loads(rep.read_text())
-        v = d.get("validation") or {}
-        res.update({
-            "layers_quantized": d.get("layers_quantized"), "layers_total": len(d["layers"]),
-            "qlinear_conv": v.get("qlinear_conv"), "float_conv": v.get("float_conv"),
-            "sqnr_db": v.get("sqnr_db"), "top1_agreement": v.get("top1_agreement"),
-            "warnings": d.get("warnings"), "fallback": d.get("fallback"),
-            "unsupported_ops": d.get("unsupported_ops"), "bn_found": d.get("bn_found"),
-        })
-    res["category"] = categorize(res)
-    return res
+    return parse_run(res, src, dst, rep, so, se)
 
 
 def categorize(r: dict[str, Any]) -> str:
@@ -507,6 +570,22 @@ def categorize(r: dict[str, Any]) -> str:
     if rc == 2 and not r.get("traceback"):
         return "refused"
     return "crash"
+
+
+def cmd_recheck(a: argparse.Namespace) -> int:
+    """Re-derive every result's fields from its saved log and report (no onnxlw run)."""
+    models, out = Path(a.models), Path(a.out)
+    rpath = out / "results.json"
+    results = json.loads(rpath.read_text())
+    for r in results:
+        log = (out / f"{r['name']}.log").read_text()
+        so = log.split("--- stdout\n", 1)[1].split("\n--- stderr\n", 1)[0]
+        se = log.split("\n--- stderr\n", 1)[1]
+        parse_run(r, models / r["file"], out / f"{r['name']}.w8a8.onnx",
+                  out / f"{r['name']}.report.json", so, se)
+    rpath.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"rechecked {len(results)} results in {rpath}")
+    return 0
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -550,16 +629,26 @@ def _cell(s: Any, n: int = 0) -> str:
     return s[:n] + "…" if n and len(s) > n else s
 
 
-def summary_markdown(results: list[dict[str, Any]], width: int = 160) -> str:
+def summary_markdown(results: list[dict[str, Any]], width: int = 240) -> str:
     cols = ["model", "source", "opset", "BN", "exit", "outcome", "time s", "peak RSS MB",
-            "layers q/total", "QLinearConv", "SQNR dB", "first line of error / last line"]
+            "layers q/total", "QLinearConv", "SQNR dB", "error (first line) / notes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lq, lt = r.get("layers_quantized"), r.get("layers_total")
         sq = r.get("sqnr_db")
-        err = r.get("error") or ("" if r["category"] == "compressed" else r.get("last_line"))
-        if r["category"] == "compressed" and r.get("warnings"):
-            err = f"warning: {r['warnings'][0]}"
+        err = r.get("error") or ("" if r["exit_code"] == 0 else r.get("last_line"))
+        notes = []
+        if r["exit_code"] == 0:
+            notes += [w for w in r.get("stdout_warnings") or [] if "BatchNormalization" not in w]
+            if r.get("fallback"):
+                notes.append(f"fallback {r['fallback']}")
+            if r.get("skipped"):
+                notes.append("skipped: " + "; ".join(r["skipped"]))
+        if r.get("output_dims_after"):
+            notes.append(f"output dims {r['output_dims']} -> {r['output_dims_after']}")
+        if r.get("ort_errors"):
+            notes.append(f"{r['ort_errors']} onnxruntime [E] log line(s) on stderr")
+        err = " / ".join([x for x in [err, *notes] if x])
         src = r.get("source") or ""
         src = src.split(":")[0] + ":" + src.split(":")[1] if src.count(":") >= 1 else src
         pins = f" (pin {' '.join(r['input_shape_pins'])})" if r.get("input_shape_pins") else ""
@@ -594,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--only", help="regex: export only the spec names matching it")
     e.add_argument("--force", action="store_true", help="re-export files that already exist")
     e.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    e.add_argument("--calib-input", choices=["pink", "gaussian"], default="pink",
+                   help="images whose train-mode passes set the BN running stats")
     e.add_argument("--list", action="store_true", help="print the spec names and exit")
     q = sub.add_parser("pip", help="copy the .onnx files shipped in pip wheels")
     q.add_argument("--out", required=True, help="models folder (manifest.json is appended)")
@@ -607,16 +698,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     r.add_argument("--only", help="regex: run only the model names matching it")
     r.add_argument("--resume", action="store_true", help="keep results.json rows, skip those")
+    k = sub.add_parser("recheck", help="re-parse saved logs/reports into results.json")
+    k.add_argument("--models", required=True, help="the models folder given to `run`")
+    k.add_argument("--out", required=True, help="the output folder given to `run`")
     s = sub.add_parser("summary", help="Markdown table of a results.json")
     s.add_argument("results", help="results.json written by `run`")
-    s.add_argument("--width", type=int, default=160, help="max characters of the error cell")
+    s.add_argument("--width", type=int, default=240, help="max characters of the error cell")
     a = p.parse_args(argv)
     if a.cmd == "export" and a.list:
         for sp in corpus_specs():
             print(sp["name"])
         return 0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return {"export": cmd_export, "pip": cmd_pip, "run": cmd_run, "summary": cmd_summary}[a.cmd](a)
+    return {"export": cmd_export, "pip": cmd_pip, "run": cmd_run, "summary": cmd_summary,
+            "recheck": cmd_recheck}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ conv+BN+ReLU layers with 5 max pools, adaptive 7x7 pool (an identity at 224 px) 
 batch ``N``; output ``logits`` is [N, 1000].
 
 Weights are seeded He-normal. Every BatchNormalization node is kept, with gamma ~ U(0.5, 1.5),
-beta ~ N(0, 0.1) and running mean/var measured, not invented: a seeded batch of N(0, 1)
-"normalized images" is propagated through the graph while it is built, each Conv and pool
-run as a one-node onnxruntime session, and each BN's mean/var set to the per-channel moments
-of the input that BN actually sees. The BN therefore normalizes its input as on a trained
-network, which is what onnxlw's statistics-based synthesis assumes.
+beta ~ N(0, 0.1) and running mean/var measured, not invented: a seeded batch of pink-noise
+"normalized images" (1/f spectrum, N(0, 1) marginals) is propagated through the graph while it
+is built, each Conv and pool run as a one-node onnxruntime session, and each BN's mean/var set
+to the per-channel moments of the input that BN actually sees. The BN therefore normalizes its
+input as on a trained network, which is what onnxlw's statistics-based synthesis assumes.
 
 Writes ``OUT`` and a sidecar ``OUT`` with ``.json`` instead of ``.onnx`` holding the ImageNet
 preprocessing (``{"preprocess": {"mean255": [...], "std255": [...]}}``), then checks the model
@@ -186,6 +186,17 @@ def vgg16_bn(b: Builder) -> str:
     return b.gemm(x, 1000, out="logits")
 
 
+def pink_noise(rng: np.random.Generator, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """N(0, 1)-marginal images with a 1/f amplitude spectrum, like natural images (and like
+    onnxlw's default synthetic input); white noise gives BN statistics no trained net has."""
+    spec = np.fft.rfftn(rng.standard_normal(shape), axes=(2, 3))
+    f = np.sqrt(np.fft.fftfreq(shape[2])[:, None] ** 2 + np.fft.rfftfreq(shape[3])[None] ** 2)
+    f[0, 0] = f.flat[1]
+    x = np.fft.irfftn(spec / f, s=shape[2:], axes=(2, 3))
+    x = (x - x.mean(axis=(0, 2, 3), keepdims=True)) / x.std(axis=(0, 2, 3), keepdims=True)
+    return x.astype(np.float32)
+
+
 ARCHS = {"resnet50": resnet50, "vgg16_bn": vgg16_bn}
 
 
@@ -195,7 +206,7 @@ def build(arch: str, seed: int, calib_batch: int, calib_res: int, threads: int,
     rng = np.random.default_rng(seed + 1)
     if arch == "vgg16_bn":
         calib_res = res  # the classifier's input size depends on the resolution
-    x = rng.standard_normal((calib_batch, 3, calib_res, calib_res)).astype(np.float32)
+    x = pink_noise(rng, (calib_batch, 3, calib_res, calib_res))
     b = Builder(x, seed, threads)
     out = ARCHS[arch](b)
     inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, res, res])
@@ -205,7 +216,7 @@ def build(arch: str, seed: int, calib_batch: int, calib_res: int, threads: int,
                           producer_name="onnxlw-tools/make_large_model")
     m.ir_version = 8
     helper.set_model_props(m, {"seed": str(seed), "bn_stats": f"measured, batch {calib_batch} "
-                                                              f"at {calib_res}px, N(0,1) input"})
+                                                              f"at {calib_res}px, pink noise"})
     return m
 
 
