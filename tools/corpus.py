@@ -377,6 +377,17 @@ PIP_PACKAGES: list[tuple[str, str]] = [
 ]
 
 
+# The --input-shape a user of each shipped model would pass (from the package's own
+# preprocessing: PP-OCR det 640 side, rec 48 x 320, cls 48 x 192; nudenet 320; ddddocr 64 high).
+PIP_PINS: dict[str, list[str]] = {
+    "PP-OCRv4_det": ["x:1,3,640,640"],
+    "PP-OCRv4_rec": ["x:1,3,48,320"],
+    "_cls_infer": ["x:1,3,48,192"],
+    "nudenet_320n": ["images:1,3,320,320"],
+    "ddddocr_common": ["input1:1,1,64,256"],
+}
+
+
 def cmd_pip(a: argparse.Namespace) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,6 +416,9 @@ def cmd_pip(a: argparse.Namespace) -> int:
                 e = {"name": name, "file": dst.name, "source": f"pip:{pkg}=={version}:{n}",
                      "arch": what, "size": dst.stat().st_size, "bn": "?", "opset": None}
                 e.update(_inspect(dst))
+                pins = [v for k, v in PIP_PINS.items() if k in name]
+                if pins and e.get("dynamic_hw"):
+                    e["pins"] = pins[0]
                 entries = _merge(entries, e)
                 print(f"ok     {name}: {n} opset {e['opset']} BN {e['bn_nodes']} "
                       f"{e['size'] / 1e6:.1f} MB")
@@ -420,8 +434,13 @@ def _inspect(path: Path) -> dict[str, Any]:
     m = onnx.load(str(path), load_external_data=False)
     ops = [n.op_type for n in m.graph.node]
     nbn = ops.count("BatchNormalization")
-    return {"opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
-                         default=None), "ir_version": m.ir_version, "bn_nodes": nbn,
+    dyn = False
+    for vi in m.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        dyn |= any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[1:])
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+                default=None)
+    return {"dynamic_hw": dyn, "opset": opset, "ir_version": m.ir_version, "bn_nodes": nbn,
             "bn": "kept" if nbn else "folded"}
 
 
@@ -534,7 +553,7 @@ def run_one(entry: dict[str, Any], models: Path, out: Path, onnxlw: list[str],
     rep = out / f"{name}.report.json"
     for p in (dst, rep):
         p.unlink(missing_ok=True)
-    pins = input_pins(src, int(entry.get("res") or 224))
+    pins = entry.get("pins") or input_pins(src, int(entry.get("res") or 224))
     cmd = [*onnxlw, "compress", str(src), "-o", str(dst), "--report", str(rep)]
     for p in pins:
         cmd += ["--input-shape", p]
