@@ -134,7 +134,8 @@ def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             d.Clear()
             d.dim_param = "onnxlw_batch"
     for vi in m.graph.output:
-        vi.type.tensor_type.ClearField("shape")
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
     del m.graph.value_info[:]
     return m
 
