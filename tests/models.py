@@ -274,8 +274,11 @@ def gemm_bn(
     beta: float = 1.0,
     gemm_bias: bool = True,
 ) -> onnx.ModelProto:
-    """conv-bn-relu, 4x4 AveragePool, Flatten (128), Gemm + BatchNorm1d + Relu, Gemm."""
-    b = Builder(seed, opset)
+    """conv-bn-relu, 4x4 AveragePool, Flatten (128), Gemm + BatchNorm1d + Relu, Gemm.
+
+    Its BN statistics come from 256 pink-noise images (8 rows would make BatchNorm1d's own
+    statistics a noisy estimate, unlike a trained network's)."""
+    b = Builder(seed, opset, calibrate=False)
     y = b.conv_bn_relu("input", 3, 8)
     y = b.node("AveragePool", [y], kernel_shape=[4, 4], strides=[4, 4])
     f = b.node("Flatten", [y], axis=1)
@@ -287,7 +290,9 @@ def gemm_bn(
     h = b.relu(b.bn(h, 12))
     w2 = b.init("fc2_w", (b.rng.standard_normal((5, 12)) * 0.4).astype(np.float32))
     y = b.node("Gemm", [h, w2, b.init("fc2_b", np.zeros(5, np.float32))], transB=1)
-    return b.model(_in(batch, (16, 16)), [("logits", y, [batch, 5])])
+    return calibrate_bn(
+        b.model(_in(batch, (16, 16)), [("logits", y, [batch, 5])]), batch=256, pink=True
+    )
 
 
 def convtranspose_bn(
@@ -443,7 +448,9 @@ def run_tensor(model: onnx.ModelProto, tensor: str, batch: int = 8, seed: int = 
     return _run_tensor(run, tensor, random_feeds(run, batch=batch, seed=seed))
 
 
-def calibrate_bn(model: onnx.ModelProto, seed: int = 123, batch: int = 8) -> onnx.ModelProto:
+def calibrate_bn(
+    model: onnx.ModelProto, seed: int = 123, batch: int = 8, pink: bool = False
+) -> onnx.ModelProto:
     """Set every BN's running mean/var to the batch statistics of its input, in graph order.
 
     That is what a trained network's BN holds, so the BN's output is really distributed as
@@ -453,6 +460,12 @@ def calibrate_bn(model: onnx.ModelProto, seed: int = 123, batch: int = 8) -> onn
     m.CopyFrom(model)
     run = dynamic_batch(model)
     feeds = random_feeds(run, batch=batch, seed=seed)
+    if pink:  # natural-image-like inputs, as onnxlw's synthesis and validation draw
+        from onnxlw.config import InputDistribution
+        from onnxlw.synth.inputs import synthetic_input
+
+        rng = np.random.default_rng(seed)
+        feeds = {k: synthetic_input(v.shape, InputDistribution.PINK, rng) for k, v in feeds.items()}
     inits = {t.name: k for k, t in enumerate(m.graph.initializer)}
     for n in m.graph.node:
         if n.op_type != "BatchNormalization":
