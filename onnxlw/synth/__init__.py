@@ -9,6 +9,10 @@ One onnxruntime run of a *synthesis model* derived from the canonical FP32 model
 - ``GAUSSIAN``: every BN output is cut and replaced by fresh i.i.d. N(B_c, scale_c^2) samples.
 
 Without BN statistics both modes reduce to propagating the declared input distribution.
+
+The synthesis model runs in segments cut in topological order (each extracted as a model of
+its own with onnx-graphsurgeon), and each wanted tensor goes to a sink as soon as its segment
+ran, so the activations held at once stay under a memory budget.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..config import Config, Synthesis
@@ -90,10 +95,11 @@ def synthesize(
     chunked = False
     segments = _segments(synth_model, list(targets), shp, config.memory_budget_mb << 20)
     reads = [used_names([n]) for n in synth_model.graph.node]
+    graph = gs.import_onnx(synth_model)
     carry: dict[str, np.ndarray] = dict(feeds_all)
     for a, b in segments:
         seg_model, outs, needed_later = _segment_model(
-            synth_model, a, b, set(targets), carry, reads
+            graph, synth_model, a, b, set(targets), carry, reads
         )
         if not outs:
             continue
@@ -179,6 +185,7 @@ def _segments(
 
 
 def _segment_model(
+    graph: gs.Graph,
     model: onnx.ModelProto,
     a: int,
     b: int,
@@ -186,35 +193,34 @@ def _segment_model(
     carry: dict[str, np.ndarray],
     reads: list[set[str]],
 ) -> tuple[onnx.ModelProto, list[str], set[str]]:
-    """Nodes [a, b) as a model: inputs are what they read from earlier (typed from ``carry``),
-    outputs are their targets plus what later nodes read. Also returns the names later
-    segments still need."""
-    nodes = list(model.graph.node)
-    inits = {t.name: t for t in model.graph.initializer}
-    graph_in = {i.name: i for i in model.graph.input}
-    seg = nodes[a:b]
-    produced = {o for n in seg for o in n.output if o}
+    """Nodes [a, b) of the synthesis graph as a model of its own (onnx-graphsurgeon).
+
+    Its inputs are what the nodes read from earlier segments (typed from ``carry``) or from
+    the graph inputs; its outputs are their targets plus what later nodes read. Also returns
+    the names later segments still need.
+    """
+    tensors = graph.tensors()
+    seg = graph.nodes[a:b]
+    produced = {t.name for n in seg for t in n.outputs}
     read: set[str] = set().union(*reads[a:b]) if seg else set()
-    later: set[str] = set().union(*reads[b:]) if b < len(nodes) else set()
-    ins = [i for i in sorted(read) if i not in produced and i not in inits]
-    outs = [o for n in seg for o in n.output if o and (o in targets or o in later)]
-    outs = list(dict.fromkeys(outs))
-    vis = []
-    for i in ins:
-        if i in graph_in:
-            vis.append(graph_in[i])
-        else:
-            et = helper.np_dtype_to_tensor_dtype(carry[i].dtype)
-            vis.append(helper.make_tensor_value_info(i, et, None))
-    g = helper.make_graph(
-        seg,
-        "synthesis",
-        vis,
-        [helper.make_value_info(o, onnx.TypeProto()) for o in outs],
-        [inits[i] for i in sorted(read & set(inits))],
-    )
-    sm = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return sm, outs, {i for i in later if i not in inits}
+    later: set[str] = set().union(*reads[b:]) if b < len(graph.nodes) else set()
+    ins = []
+    for name in sorted(read):
+        t = tensors[name]
+        if name in produced or isinstance(t, gs.Constant):
+            continue
+        if name in carry and t.dtype is None:
+            t.dtype = carry[name].dtype
+        ins.append(t)
+    outs = [t for n in seg for t in n.outputs if t.name in targets or t.name in later]
+    outs = list({t.name: t for t in outs}.values())
+    sub = gs.Graph(nodes=seg, inputs=ins, outputs=outs, opset=graph.opset, import_domains=None)
+    sm = gs.export_onnx(sub, do_type_check=False)
+    del sm.opset_import[:]
+    sm.opset_import.extend(model.opset_import)
+    sm.ir_version = model.ir_version
+    consts = {t.name for t in tensors.values() if isinstance(t, gs.Constant)}
+    return sm, [t.name for t in outs], {i for i in later if i not in consts}
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
