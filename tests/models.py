@@ -443,9 +443,28 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def run_tensor(model: onnx.ModelProto, tensor: str, batch: int = 8, seed: int = 123):
-    """Value of any tensor of ``model`` on ``random_feeds`` (default: calibrate_bn's data)."""
+    """Value of any tensor of ``model`` on calibrate_bn's data (as recorded in the model)."""
     run = dynamic_batch(model)
-    return _run_tensor(run, tensor, random_feeds(run, batch=batch, seed=seed))
+    return _run_tensor(run, tensor, _calibration_feeds(model, run, batch, seed))
+
+
+def _calibration_feeds(
+    model: onnx.ModelProto, run: onnx.ModelProto, batch: int, seed: int
+) -> dict[str, np.ndarray]:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "calibration" in meta:  # "pink,<batch>,<seed>"
+        kind, batch_s, seed_s = meta["calibration"].split(",")
+        batch, seed = int(batch_s), int(seed_s)
+        if kind == "pink":
+            from onnxlw.config import InputDistribution
+            from onnxlw.synth.inputs import synthetic_input
+
+            rng = np.random.default_rng(seed)
+            feeds = random_feeds(run, batch=batch, seed=seed)
+            return {
+                k: synthetic_input(v.shape, InputDistribution.PINK, rng) for k, v in feeds.items()
+            }
+    return random_feeds(run, batch=batch, seed=seed)
 
 
 def calibrate_bn(
@@ -459,13 +478,9 @@ def calibrate_bn(
     m = onnx.ModelProto()
     m.CopyFrom(model)
     run = dynamic_batch(model)
-    feeds = random_feeds(run, batch=batch, seed=seed)
     if pink:  # natural-image-like inputs, as onnxlw's synthesis and validation draw
-        from onnxlw.config import InputDistribution
-        from onnxlw.synth.inputs import synthetic_input
-
-        rng = np.random.default_rng(seed)
-        feeds = {k: synthetic_input(v.shape, InputDistribution.PINK, rng) for k, v in feeds.items()}
+        m.metadata_props.add(key="calibration", value=f"pink,{batch},{seed}")
+    feeds = _calibration_feeds(m, run, batch, seed)
     inits = {t.name: k for k, t in enumerate(m.graph.initializer)}
     for n in m.graph.node:
         if n.op_type != "BatchNormalization":
