@@ -142,6 +142,11 @@ def input_spec(model: onnx.ModelProto, config: Config, source: Path | None) -> I
     if bad:
         i = bad[0]
         kind = onnx.TensorProto.DataType.Name(i.elem_type).lower()
+        if i.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            raise OnnxlwError(
+                f"the model is {kind} (input {i.name!r}); onnxlw compresses float32 models",
+                "convert the model to float32 first (or export it in float32)",
+            )
         raise OnnxlwError(
             f"input {i.name!r} is {kind}; onnxlw synthesizes float32 inputs only",
             "export the model with float32 image inputs (cast inside the model if needed)",

@@ -162,7 +162,7 @@ def solve(
     try:
         with make_executor(config.executor, config.workers) as pool:
             plan.layers = solve_all(
-                collector.problems(), solver, pool, in_flight=2 * config.workers
+                collector.problems(), solver, pool, in_flight=config.workers
             )
     finally:
         collector.close()

@@ -234,23 +234,6 @@ def test_paddle_minus_one_batch_and_output_without_shape() -> None:
     assert q.graph.SerializeToString() == out.graph.SerializeToString()
 
 
-def test_opset7_ir3_output_passes_checker() -> None:
-    m = M.conv_bn_relu(batch="N", opset=11)
-    m.ir_version = 3
-    m.opset_import[0].version = 7
-    names = {vi.name for vi in m.graph.input}
-    for t in m.graph.initializer:  # IR 3 lists every initializer as a graph input
-        if t.name not in names:
-            m.graph.input.append(h.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    try:
-        onnx.checker.check_model(m)
-    except onnx.checker.ValidationError:
-        pytest.skip("this onnx cannot express the fixture at opset 7")
-    out, rep = onnxlw.compress(m, CFG)
-    onnx.checker.check_model(out)
-    assert out.ir_version >= 7
-
-
 def test_fp16_and_quantized_models_get_a_short_real_reason(tmp_path: Path) -> None:
     from onnx import numpy_helper
 
