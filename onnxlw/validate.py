@@ -29,8 +29,10 @@ from .synth import draw_inputs
 
 VALIDATE_CHUNK = 4
 """Validation runs the compressed model on this many inputs at a time (bounded memory)."""
-BROKEN_DB = 10.0
-"""Below this validation SQNR the output is flagged as looking broken."""
+BROKEN_DB = 3.0
+"""Below this validation SQNR the output is flagged as looking broken. Pink noise is not the
+model's data: sound outputs measure 5-20 dB on it (the bundled digits CNN: 5.4-19.9 dB at
+99.7-100 % real agreement, depending on options), a collapsed one is below 0 dB."""
 
 
 @dataclass(frozen=True)
