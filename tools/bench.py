@@ -279,7 +279,11 @@ from onnxlw.io import save_atomic
 model, out, cfg, rep = sys.argv[1:5]
 q, r = compress(model, Config.from_dict(json.loads(cfg)))
 save_atomic(q, out)
-open(rep, "w").write(r.to_json())
+d = r.to_dict()
+# VmHWM: this process image's own peak RSS (ru_maxrss would carry the parent's over exec)
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+d["peak_rss_kb"] = int(status[0])
+open(rep, "w").write(json.dumps(d))
 """
 
 
@@ -290,7 +294,7 @@ def produce(
     if c.kind == "onnxlw":
         # The API reads the declared input range from the sidecar next to the model (as the
         # CLI does). compress runs in a fresh child process so that its peak RSS is measured
-        # alone (os.wait4), not on top of this process's image cache.
+        # alone (the child's VmHWM), not on top of this process's image cache.
         cfg = dataclasses.replace(Config(**BASE_CONFIG), **c.overrides)
         rep_path = out.with_suffix(".report.json")
         t0 = time.perf_counter()
@@ -299,7 +303,7 @@ def produce(
              str(rep_path)],
             stderr=subprocess.PIPE,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status = os.waitpid(proc.pid, 0)
         secs = time.perf_counter() - t0
         err = proc.stderr.read().decode() if proc.stderr else ""
         if status != 0:
@@ -307,7 +311,7 @@ def produce(
         rep = json.loads(rep_path.read_text())
         extra: dict[str, Any] = {
             "config": cfg.to_dict(),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(rep["peak_rss_kb"] / 1024, 1),
             "report_wall_time": rep["wall_time"],
             "stages": rep["stages"],
             "fallback": rep["fallback"],
