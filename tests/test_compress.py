@@ -115,9 +115,8 @@ def test_output_loads_and_every_quantized_conv_fuses(name) -> None:
     n_conv = quantized_convs(report)
     skipped_convs = sum(1 for r in report.layers if r.op_type == "Conv" and r.skipped)
     assert n_conv >= 1
+    # measured independently of the report (which reads the same onnxruntime graph)
     assert ortutil.fused_conv_counts(out) == (n_conv, skipped_convs)
-    assert report.validation.qlinear_conv == n_conv
-    assert report.validation.float_conv == skipped_convs
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -308,3 +308,50 @@ def test_report_json_keys() -> None:
               "bias_scale_fixes", "synthesis", "warnings", "config"):
         assert k in d, k
     assert "plan" not in d
+
+
+def test_cli_save_and_load_plan_same_bytes(tmp_path: Path) -> None:
+    a, b, p = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "p.npz"
+    src = str(REPO / "models/digits_cnn.onnx")
+    assert main(["compress", src, "-o", str(a), "--save-plan", str(p)]) == 0
+    assert main(["compress", src, "-o", str(b), "--load-plan", str(p)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_problem_is_picklable_and_solvable_many_times() -> None:
+    import pickle
+
+    from onnxlw.solve import LayerProblem, QuantSpec, solve_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 1, 24)).astype(np.float32)
+    w = rng.standard_normal((1, 8, 24)).astype(np.float32)
+    p = LayerProblem.from_samples(w, x, bias=np.zeros((1, 8), np.float32))
+    before = pickle.dumps(p)
+    q = pickle.loads(before)
+    a = solve_weights(q, QuantSpec(scale_method="output-mse"))
+    b = solve_weights(q, QuantSpec(scale_method="minmax"))
+    assert pickle.dumps(q) == before  # solving does not change the problem
+    assert a.stats["sqnr_db"] >= b.stats["sqnr_db"]
+    np.testing.assert_array_equal(solve_weights(p).weight, a.weight)
+
+
+def test_broken_output_is_labelled_loudly(monkeypatch) -> None:
+    import onnxlw.validate as V
+
+    monkeypatch.setattr(V, "BROKEN_DB", 500.0)
+    out, rep = onnxlw.compress(M.conv_bn_relu(batch="N"), CFG)
+    assert rep.summary().startswith("WARNING: THE OUTPUT LOOKS BROKEN")
+    assert rep.to_dict()["validation"]["looks_broken"] is True
+    meta = {p.key: p.value for p in out.metadata_props}
+    assert meta["onnxlw.validation"].endswith("LOOKS BROKEN")
+
+
+def test_inspect_predicts_a_refusal(tmp_path: Path, capsys) -> None:
+    q, _ = onnxlw.compress(M.conv_bn_relu(batch="N"), CFG)
+    path = tmp_path / "q.onnx"
+    onnx.save(q, str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "compress would refuse: the model is already quantized" in out
+    assert "SKIP: its weight is computed at run time by DequantizeLinear" in out

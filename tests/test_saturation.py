@@ -40,11 +40,9 @@ def _fused_vs_simulated(model: onnx.ModelProto, x: np.ndarray) -> tuple[float, f
     """(max |fused - simulated|, output quantization step) of a QDQ model on ``x``."""
     sim = session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"input": x})
     fused = session(model).run(None, {"input": x})
-    step = max(
-        float(numpy_helper.to_array(t))
-        for t in model.graph.initializer
-        if t.name.startswith("out_scale") or t.name.startswith("c_scale")
-    )
+    inits = {t.name: t for t in model.graph.initializer}
+    out_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"][-1]  # the output's Q
+    step = float(numpy_helper.to_array(inits[out_q.input[1]]))
     return float(np.abs(fused[0] - sim[0]).max()), step
 
 

@@ -1,6 +1,6 @@
 """Write the QDQ model that onnxruntime fuses into integer kernels.
 
-Conventions (x86 CPU): uint8 asymmetric per-tensor activations; int8 symmetric per-channel
+Conventions (x86 CPU, from :mod:`onnxlw.targets.ort_cpu`): uint8 asymmetric per-tensor activations; int8 symmetric per-channel
 weights in [-127, 127] on the output-channel axis; int32 bias whose scale is the input scale
 times the weight scale. Every quantized Conv reads ``DQ(x)``, ``DQ(w)``, ``DQ(b)`` and feeds
 one ``Q``, so onnxruntime rewrites it as QLinearConv. A Relu/Clip(0, hi) after a layer is
@@ -19,12 +19,14 @@ from ..graph import GraphView, NameAllocator, rebuild
 from ..passes import Canonical
 from ..plan import Plan
 from ..solve.problem import QuantEncoding
-from ..targets.ort_cpu import INT32_MAX
+from ..io import default_opset
+from ..targets.ort_cpu import ACT_DTYPE, BIAS_DTYPE, INT32_MAX, weight_dtype
 
 
 def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """A new QDQ model; the canonical FP32 model is not modified."""
     model = canon.model
+    opset = default_opset(model)
     view = GraphView(model)
     alloc = NameAllocator(model)
     inits: list[onnx.TensorProto] = list(model.graph.initializer)
@@ -40,7 +42,7 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
         s_name, z_name = alloc.fresh(f"{name}_scale"), alloc.fresh(f"{name}_zero_point")
         inits += [
             numpy_helper.from_array(np.array(r.scale, np.float32), s_name),
-            numpy_helper.from_array(np.array(r.zero_point, np.uint8), z_name),
+            numpy_helper.from_array(np.array(r.zero_point, ACT_DTYPE), z_name),
         ]
         src = qt.pre if qt.pre is not None else name
         q_out, dq_out = alloc.fresh(f"{name}_quantized"), alloc.fresh(f"{name}_dequantized")
@@ -77,7 +79,8 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
             raise InternalError(f"layer {rec.node!r} has no quantized encoding for the QDQ format")
         x_scale = np.float32(plan.activations[rec.input].scale)
         w_scale = enc.scale.reshape(-1).astype(np.float32)
-        q = rec.adapter.from_matrix(rec, enc.q).astype(np.int8)
+        wdt = weight_dtype(enc.bits, opset)
+        q = rec.adapter.from_matrix(rec, enc.q).astype(wdt)
         axis = rec.out_axis
         wq, ws, wz = (
             alloc.fresh(f"{rec.weight}_quantized"),
@@ -88,7 +91,7 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
         inits += [
             numpy_helper.from_array(q, wq),
             numpy_helper.from_array(w_scale, ws),
-            numpy_helper.from_array(np.zeros_like(w_scale, np.int8), wz),
+            numpy_helper.from_array(np.zeros_like(w_scale, wdt), wz),
         ]
         deq = [
             helper.make_node(
@@ -112,9 +115,9 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
         )
         bdq = alloc.fresh(f"{base}_dequantized")
         inits += [
-            numpy_helper.from_array(bq.astype(np.int32), bqn),
+            numpy_helper.from_array(bq.astype(BIAS_DTYPE), bqn),
             numpy_helper.from_array(b_scale, bsn),
-            numpy_helper.from_array(np.zeros(len(b_scale), np.int32), bzn),
+            numpy_helper.from_array(np.zeros(len(b_scale), BIAS_DTYPE), bzn),
         ]
         deq.append(
             helper.make_node(
