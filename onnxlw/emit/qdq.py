@@ -16,10 +16,10 @@ from onnx import helper, numpy_helper
 from ..analyze import Analysis
 from ..errors import InternalError
 from ..graph import GraphView, NameAllocator, rebuild
+from ..io import default_opset
 from ..passes import Canonical
 from ..plan import Plan
 from ..solve.problem import QuantEncoding
-from ..io import default_opset
 from ..targets.ort_cpu import ACT_DTYPE, BIAS_DTYPE, INT32_MAX, weight_dtype
 
 
