@@ -2,9 +2,10 @@
 
 Conventions (x86 CPU, from :mod:`onnxlw.targets.ort_cpu`): uint8 asymmetric per-tensor
 activations; int8 symmetric per-channel weights in [-127, 127] on the output-channel axis;
-int32 bias whose scale is the input scale times the weight scale. Every quantized Conv reads ``DQ(x)``, ``DQ(w)``, ``DQ(b)`` and feeds
-one ``Q``, so onnxruntime rewrites it as QLinearConv. A Relu/Clip(0, hi) after a layer is
-absorbed into that Q when the Q's range lies within the clip.
+int32 bias whose scale is the input scale times the weight scale. Every quantized Conv reads
+``DQ(x)``, ``DQ(w)``, ``DQ(b)`` and feeds one ``Q``, so onnxruntime rewrites it as
+QLinearConv. A Relu/Clip(0, hi) after a layer is absorbed into that Q when the Q's range lies
+within the clip.
 """
 
 from __future__ import annotations
