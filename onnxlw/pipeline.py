@@ -7,11 +7,13 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
+from onnx import numpy_helper
 
 from ._version import __version__
 from .analyze import Analysis, analyze
@@ -20,6 +22,7 @@ from .emit import EMITTERS
 from .errors import InternalError, OnnxlwError
 from .graph import GraphView
 from .io import LoadedModel, load
+from .ortutil import release_memory
 from .passes import Canonical, canonicalize
 from .plan import Plan
 from .problems import StatsCollector
@@ -87,7 +90,10 @@ def compress(
         )
     out = stage("emit", EMITTERS[the_plan.format], canon, analysis, the_plan)
     check_model(out, "emit")
-    validation = stage("validate", validate, out, loaded.model, loaded.inputs, config)
+    release_memory()
+    validation = stage(
+        "validate", validate, out, loaded.model, loaded.inputs, config, loaded.path
+    )
     fallback = _fallback(canon, info, the_plan)
     _set_metadata(out, loaded, canon, config, fallback, validation)
     report = make_report(loaded, canon, analysis, the_plan, config, fallback, info)
@@ -127,16 +133,38 @@ def _collect(
     canon: Canonical, analysis: Analysis, loaded: LoadedModel, config: Config
 ) -> StatsCollector:
     view = GraphView(canon.model)
-    weights = {r.index: view.const(r.weight) for r in analysis.active_layers}
-    biases = {
-        r.index: view.const(r.bias) if r.bias else None for r in analysis.active_layers
-    }
+    by_index = {r.index: r for r in analysis.active_layers}
+    weights = _Consts(view, {i: r.weight for i, r in by_index.items()})
+    biases = _Consts(view, {i: r.bias for i, r in by_index.items()})
     collector = StatsCollector(analysis, loaded.inputs, config, weights, biases)
     collector.info = synthesize(canon, collector.wanted, loaded.inputs, config, collector)
+    release_memory()
     missing = collector.missing(analysis.active_layers)
     if missing:
         raise InternalError(f"synthesis produced no input for layer {missing[0].node!r}")
     return collector
+
+
+class _Consts(Mapping):
+    """Layer index -> weight (or bias) array, read from the graph when asked and not kept, so
+    only the layers being worked on hold a numpy copy of their weights."""
+
+    def __init__(self, view: GraphView, names: dict[int, str | None]) -> None:
+        self.view, self.names = view, names
+
+    def __getitem__(self, index: int) -> np.ndarray | None:
+        name = self.names[index]
+        if not name:
+            return None
+        if name in self.view.initializers:
+            return numpy_helper.to_array(self.view.initializers[name])
+        return self.view.const(name)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def solve(

@@ -17,7 +17,7 @@ memory-mapped when solved.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +59,8 @@ class StatsCollector:
         analysis: Analysis,
         inputs: InputSpec,
         config: Config,
-        weights: dict[int, np.ndarray],
-        biases: dict[int, np.ndarray | None],
+        weights: Mapping[int, np.ndarray],
+        biases: Mapping[int, np.ndarray | None],
     ) -> None:
         self.config = config
         self.inputs = inputs

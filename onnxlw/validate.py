@@ -8,6 +8,7 @@ agreement on real images.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -54,9 +55,16 @@ class Validation:
 
 
 def validate(
-    quantized: onnx.ModelProto, reference: onnx.ModelProto, inputs: InputSpec, config: Config
+    quantized: onnx.ModelProto,
+    reference: onnx.ModelProto,
+    inputs: InputSpec,
+    config: Config,
+    reference_path: str | os.PathLike | None = None,
 ) -> Validation:
     """Load ``quantized`` in ORT, count fused ops, compare with ``reference``.
+
+    ``reference_path``: the original file, which onnxruntime then reads itself (no second
+    in-memory copy of a large model's weights).
 
     A model onnxlw wrote that onnxruntime cannot load is onnxlw's bug: InternalError.
     """
@@ -76,7 +84,8 @@ def validate(
     release_memory()
     chunk = b0 or VALIDATE_CHUNK
     if b0 is None:
-        ref = run(session(reference, lean=True, level=LEAN_LEVEL), feeds, batch=chunk)
+        src = reference_path if reference_path is not None else reference
+        ref = run(session(src, lean=True, level=LEAN_LEVEL), feeds, batch=chunk)
     else:
         ref, _ = run_batched(reference, feeds, None, n, b0)
     release_memory()
