@@ -29,6 +29,42 @@ DESCRIPTION = (
 )
 
 
+ENUM_OPTIONS = (
+    (
+        "--input-dist",
+        InputDistribution,
+        Config.input_distribution,
+        "distribution of synthetic inputs (per channel zero mean, unit variance)",
+    ),
+    (
+        "--synthesis",
+        Synthesis,
+        Config.synthesis,
+        "matched: push synthetic inputs through the network and match every BN's moments; "
+        "gaussian: independent N(beta, gamma^2) samples after every BN",
+    ),
+    (
+        "--weight-scale",
+        WeightScale,
+        Config.weight_scale,
+        "per-channel weight scale: minimize the layer's output error, or max|w|",
+    ),
+    (
+        "--act-range",
+        ActRange,
+        Config.act_range,
+        "per-tensor activation range: minimize quantization MSE, or min/max",
+    ),
+    (
+        "--bias-correction",
+        BiasCorrection,
+        Config.bias_correction,
+        "fold the expected output shift of quantization back into the bias",
+    ),
+)
+"""The options that choose among a Config enum's values: (flag, enum, default, help)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="onnxlw", description=DESCRIPTION, formatter_class=fmt)
@@ -57,12 +93,6 @@ def _parser() -> argparse.ArgumentParser:
         help="pin dynamic input dims for synthesis (repeatable; -1 keeps the batch dim symbolic)",
     )
     c.add_argument(
-        "--input-dist",
-        choices=[e.value for e in InputDistribution],
-        default=Config.input_distribution.value,
-        help="distribution of synthetic inputs (per channel zero mean, unit variance)",
-    )
-    c.add_argument(
         "--input-range",
         metavar="LO,HI",
         help="declared range of input values, e.g. --input-range=[-2.1,2.6] (default: from a "
@@ -73,31 +103,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not read the input range from the sidecar <model>.json",
     )
-    c.add_argument(
-        "--synthesis",
-        choices=[e.value for e in Synthesis],
-        default=Config.synthesis.value,
-        help="matched: push synthetic inputs through the network and match every BN's moments; "
-        "gaussian: independent N(beta, gamma^2) samples after every BN",
-    )
-    c.add_argument(
-        "--weight-scale",
-        choices=[e.value for e in WeightScale],
-        default=Config.weight_scale.value,
-        help="per-channel weight scale: minimize the layer's output error, or max|w|",
-    )
-    c.add_argument(
-        "--act-range",
-        choices=[e.value for e in ActRange],
-        default=Config.act_range.value,
-        help="per-tensor activation range: minimize quantization MSE, or min/max",
-    )
-    c.add_argument(
-        "--bias-correction",
-        choices=[e.value for e in BiasCorrection],
-        default=Config.bias_correction.value,
-        help="fold the expected output shift of quantization back into the bias",
-    )
+    for flag, enum_type, default, text in ENUM_OPTIONS:
+        c.add_argument(
+            flag, choices=[e.value for e in enum_type], default=default.value, help=text
+        )
     c.add_argument(
         "--float-classifier",
         action="store_true",
