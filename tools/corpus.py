@@ -591,19 +591,47 @@ def categorize(r: dict[str, Any]) -> str:
     return "crash"
 
 
+def _from_log(entry: dict[str, Any], log: str) -> tuple[dict[str, Any], str, str]:
+    """Rebuild a result row's run facts (command, exit code, wall time) from its saved log."""
+    cmd = log.splitlines()[0].removeprefix("$ ")
+    so = log.split("--- stdout\n", 1)[1].split("\n--- stderr\n", 1)[0]
+    se = log.split("\n--- stderr\n", 1)[1]
+    rc: int | None = 0
+    if m := re.search(r"Command exited with non-zero status (\d+)", se):
+        rc = int(m.group(1))
+    elif m := re.search(r"Command terminated by signal (\d+)", se):
+        rc = 128 + int(m.group(1))
+    elif "Command being timed" not in se:
+        rc = None  # killed by the timeout before /usr/bin/time reported
+    wall = 0.0
+    if m := re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", se):
+        for part in m.group(1).split(":"):
+            wall = wall * 60 + float(part)
+    pins = re.findall(r"--input-shape (\S+)", cmd)
+    row = {"name": entry["name"], "file": entry["file"], "source": entry.get("source"),
+           "opset": entry.get("opset"), "bn": entry.get("bn"), "bn_nodes": entry.get("bn_nodes"),
+           "input_shape_pins": pins, "command": cmd, "exit_code": rc, "wall_s": round(wall, 2)}
+    return row, so, se
+
+
 def cmd_recheck(a: argparse.Namespace) -> int:
-    """Re-derive every result's fields from its saved log and report (no onnxlw run)."""
+    """Rebuild results.json from the saved logs and reports of every model (no onnxlw run)."""
     models, out = Path(a.models), Path(a.out)
+    entries = _load_manifest(models)
+    listed = {e["file"] for e in entries}
+    entries += [{"name": p.stem, "file": p.name, "source": "file", **_inspect(p)}
+                for p in sorted(models.glob("*.onnx")) if p.name not in listed]
+    results = []
+    for e in entries:
+        logp = out / f"{e['name']}.log"
+        if not logp.exists() or not (models / e["file"]).exists():
+            continue
+        row, so, se = _from_log(e, logp.read_text())
+        results.append(parse_run(row, models / e["file"], out / f"{e['name']}.w8a8.onnx",
+                                 out / f"{e['name']}.report.json", so, se))
     rpath = out / "results.json"
-    results = json.loads(rpath.read_text())
-    for r in results:
-        log = (out / f"{r['name']}.log").read_text()
-        so = log.split("--- stdout\n", 1)[1].split("\n--- stderr\n", 1)[0]
-        se = log.split("\n--- stderr\n", 1)[1]
-        parse_run(r, models / r["file"], out / f"{r['name']}.w8a8.onnx",
-                  out / f"{r['name']}.report.json", so, se)
     rpath.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"rechecked {len(results)} results in {rpath}")
+    print(f"rebuilt {len(results)} results from the logs in {out} into {rpath}")
     return 0
 
 
@@ -622,8 +650,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         entries = [e for e in entries if pat.search(e["name"])]
     entries = [e for e in entries if (models / e["file"]).exists()]
     rpath = out / "results.json"
-    results = json.loads(rpath.read_text()) if (rpath.exists() and a.resume) else []
-    done = {r["name"] for r in results}
+    results = json.loads(rpath.read_text()) if rpath.exists() else []  # other rows are kept
+    done = {r["name"] for r in results} if a.resume else set()
     onnxlw = shlex.split(a.onnxlw)
     for i, e in enumerate(entries):
         if e["name"] in done:
@@ -716,8 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--onnxlw", default="onnxlw", help="the onnxlw command (split like a shell)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     r.add_argument("--only", help="regex: run only the model names matching it")
-    r.add_argument("--resume", action="store_true", help="keep results.json rows, skip those")
-    k = sub.add_parser("recheck", help="re-parse saved logs/reports into results.json")
+    r.add_argument("--resume", action="store_true",
+                   help="skip models that already have a row in results.json")
+    k = sub.add_parser("recheck", help="rebuild results.json from the saved logs/reports")
     k.add_argument("--models", required=True, help="the models folder given to `run`")
     k.add_argument("--out", required=True, help="the output folder given to `run`")
     s = sub.add_parser("summary", help="Markdown table of a results.json")
