@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,16 @@ def compress(
     config: Config | None = None,
     *,
     plan: Plan | str | os.PathLike | None = None,
+    executor: Executor | None = None,
     progress: Progress | None = None,
 ):  # noqa: ANN201 - (ModelProto, Report)
     """Compress a model with no data. Returns the compressed model and the report.
 
     ``plan``: re-emit a saved plan (``Plan.save``) instead of synthesizing and solving; the
     output is byte-identical to the run that saved it. The solved plan is ``report.plan``.
+    ``executor``: any ``concurrent.futures.Executor`` for the layer solves (a Dask or Ray
+    executor, say); by default ``Config.executor`` with ``Config.workers``. The output does not
+    depend on it.
     Raises :class:`~onnxlw.errors.OnnxlwError` for bad input (the input is never modified)
     and :class:`~onnxlw.errors.InternalError` for onnxlw's own failures.
     """
@@ -81,7 +86,7 @@ def compress(
     if plan is None:
         collector = stage("synthesize", _collect, canon, analysis, loaded, config)
         info = collector.info
-        the_plan = stage("solve", solve, canon, analysis, collector, loaded, config)
+        the_plan = stage("solve", solve, canon, analysis, collector, loaded, config, executor)
         the_plan.meta["fallback"] = info.fallback
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -173,6 +178,7 @@ def solve(
     collector: StatsCollector,
     loaded: LoadedModel,
     config: Config,
+    executor: Executor | None = None,
 ) -> Plan:
     """Activation encodings from the collector, then every layer's solution."""
     spec = QuantSpec(
@@ -188,10 +194,13 @@ def solve(
         plan.activations[name] = collector.acts[root]
     solver = functools.partial(solve_weights, spec=spec)
     try:
-        with make_executor(config.executor, config.workers) as pool:
-            plan.layers = solve_all(
-                collector.problems(), solver, pool, in_flight=config.workers
-            )
+        if executor is not None:
+            plan.layers = solve_all(collector.problems(), solver, executor, in_flight=2)
+        else:
+            with make_executor(config.executor, config.workers) as pool:
+                plan.layers = solve_all(
+                    collector.problems(), solver, pool, in_flight=config.workers
+                )
     finally:
         collector.close()
     plan.layer_names = {r.index: r.node for r in analysis.active_layers}

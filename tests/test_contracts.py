@@ -355,3 +355,23 @@ def test_inspect_predicts_a_refusal(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "compress would refuse: the model is already quantized" in out
     assert "SKIP: its weight is computed at run time by DequantizeLinear" in out
+
+
+def test_any_executor_plugs_in() -> None:
+    """A user's own Executor (here a serial one, as a Dask or Ray adapter would be)."""
+    from concurrent.futures import Executor, Future
+
+    class Serial(Executor):
+        calls = 0
+
+        def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN202
+            Serial.calls += 1
+            f: Future = Future()
+            f.set_result(fn(*args, **kwargs))
+            return f
+
+    m = M.residual(batch="N")
+    ref, _ = onnxlw.compress(m, CFG)
+    got, _ = onnxlw.compress(m, CFG, executor=Serial())
+    assert Serial.calls == len([n for n in m.graph.node if n.op_type == "Conv"])
+    assert got.SerializeToString() == ref.SerializeToString()
