@@ -24,8 +24,10 @@ size); ``pip`` appends its entries to the same manifest. ``run`` reads the manif
 ``*.onnx``) and writes ``results.json`` plus one output model and report per model.
 
 Outcome categories in ``summary``: ``compressed`` (exit 0, validation SQNR >= 10 dB),
-``silent-collapse`` (exit 0 but SQNR < 10 dB), ``refused`` (exit 2: a one-line reason),
-``crash`` (any other exit code, a traceback, or exit 3 InternalError), ``timeout``.
+``low-sqnr`` (exit 0, SQNR < 10 dB on synthetic inputs and not flagged: with random weights
+this is a hint, not a verdict), ``flagged-broken`` (exit 0, and onnxlw itself said the output
+LOOKS BROKEN), ``refused`` (exit 2: a one-line reason), ``crash`` (any other exit code, a
+traceback, or exit 3 InternalError), ``timeout``.
 
 torchvision from PyPI is built against the CUDA torch; with the CPU torch wheel its C
 extension does not load and ``import torchvision`` fails in ``torch.library.register_fake``.
@@ -537,6 +539,7 @@ def parse_run(res: dict[str, Any], src: Path, dst: Path, rep: Path, so: str, se:
             "layers_quantized": d.get("layers_quantized"), "layers_total": len(d["layers"]),
             "qlinear_conv": v.get("qlinear_conv"), "float_conv": v.get("float_conv"),
             "sqnr_db": v.get("sqnr_db"), "top1_agreement": v.get("top1_agreement"),
+            "looks_broken": v.get("looks_broken"),
             "warnings": d.get("warnings"), "fallback": d.get("fallback"),
             "unsupported_ops": d.get("unsupported_ops"), "bn_found": d.get("bn_found"),
             "skipped": sorted({str(x["skipped"]) for x in d["layers"] if x.get("skipped")}),
@@ -583,8 +586,10 @@ def categorize(r: dict[str, Any]) -> str:
         return "timeout"
     if rc == 0:
         s = r.get("sqnr_db")
+        if r.get("looks_broken"):
+            return "flagged-broken"
         if isinstance(s, (int, float)) and s < SQNR_COLLAPSE_DB:
-            return "silent-collapse"
+            return "low-sqnr"
         return "compressed"
     if rc == 2 and not r.get("traceback"):
         return "refused"
