@@ -86,7 +86,19 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
             "graph outputs without a type or shape were repaired by shape inference: "
             + ", ".join(repaired)
         )
-        declared_outputs = [_copy(o) for o in model.graph.output]
+    # Keep each output exactly as declared where the declaration is complete; take the
+    # repaired (or version-converted) one where it was not.
+    current = {o.name: o for o in model.graph.output}
+    completed = [o.name for o in declared_outputs if not _complete(o) and o.name not in repaired]
+    if completed:
+        notes.append(
+            "graph outputs without a type or shape were completed by the opset conversion: "
+            + ", ".join(completed)
+        )
+    declared_outputs = [
+        o if _complete(o) or o.name not in current else _copy(current[o.name])
+        for o in declared_outputs
+    ]
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -99,6 +111,15 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
     model.graph.output.extend(declared_outputs)
     spec = input_spec(model, config, path)
     return LoadedModel(model, source, digest, opset, external, spec, original, notes, path)
+
+
+def _complete(vi: onnx.ValueInfoProto) -> bool:
+    """True when a ValueInfo has a tensor type with an element type and a shape field."""
+    return (
+        vi.type.HasField("tensor_type")
+        and vi.type.tensor_type.elem_type != 0
+        and vi.type.tensor_type.HasField("shape")
+    )
 
 
 def _copy(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:

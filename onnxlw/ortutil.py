@@ -164,8 +164,9 @@ def run_batched(
     Tries the whole batch at once (dim 0 made symbolic). A graph that hard-codes its batch
     (an error, or float outputs whose dim 0 is not ``n``: a ``[1, -1, C]`` Reshape that
     mixed the images) runs in chunks of ``static`` instead. Feeds whose dim 0 is not ``n``
-    (shape vectors) go unchanged to every chunk; outputs whose dim 0 is the chunk size are
-    concatenated, others are taken from the first chunk. Returns (outputs, chunked).
+    (shape vectors) go unchanged to every chunk; float outputs are concatenated along their
+    first axis of the chunk's size (dim 0, or dim 1 of a sequence-first [T, N, C]), others are
+    taken from the first chunk. Returns (outputs, chunked).
     """
     if static is None or static == n:
         return session(model, lean=True, level=LEAN_LEVEL).run(outputs, feeds), False
@@ -191,9 +192,10 @@ def run_batched(
         parts.append(sess.run(outputs, chunk))
     out = []
     for j, first in enumerate(parts[0]):
-        if first.ndim and first.shape[0] == static and first.dtype.kind == "f":
-            out.append(np.concatenate([p[j] for p in parts]))
-        else:
+        axis = next((a for a, d in enumerate(first.shape) if d == static), None)
+        if first.dtype.kind == "f" and axis is not None:  # batch axis: first of the chunk size
+            out.append(np.concatenate([p[j] for p in parts], axis=axis))
+        else:  # batch-independent (shape vectors)
             out.append(first)
     return out, True
 
