@@ -127,16 +127,18 @@ def _record(n: onnx.NodeProto, index: int, view: GraphView) -> LayerRecord:
 
 def float_tensors(model: onnx.ModelProto, view: GraphView) -> set[str]:
     """Names of float32 tensors (by shape inference, else by the producing op)."""
-    try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
-        types = {
+    def known(g: onnx.GraphProto) -> dict[str, int]:
+        return {
             vi.name: vi.type.tensor_type.elem_type
-            for vi in list(inferred.graph.value_info)
-            + list(inferred.graph.input)
-            + list(inferred.graph.output)
+            for vi in list(g.value_info) + list(g.input) + list(g.output)
         }
-    except Exception:  # noqa: BLE001 - best effort; fall back to the op rule
-        types = {}
+
+    types = known(model.graph)  # load inferred shapes and the passes keep value_info
+    if any(o and o not in types for n in view.nodes for o in n.output):
+        try:  # a full copy of the model: only when the kept value_info is incomplete
+            types = known(shape_inference.infer_shapes(model, strict_mode=False).graph)
+        except Exception:  # noqa: BLE001 - best effort; fall back to the op rule
+            pass
     out: set[str] = set()
     for vi in model.graph.input:
         if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:

@@ -65,6 +65,7 @@ def compress(
         say(f"{name}...")
         t = time.perf_counter()
         out = fn(*args, **kw)
+        release_memory()  # a stage's temporaries (model copies, activations) go back to the OS
         stages[name] = round(time.perf_counter() - t, 3)
         return out
 

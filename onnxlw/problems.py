@@ -173,11 +173,11 @@ class StatsCollector:
     def problems(self) -> Iterator[tuple[int, LayerProblem]]:
         """(layer index, problem), largest first so a pool stays busy; each loaded lazily."""
         for idx in sorted(self._problems, key=lambda i: (-self.sizes[i], i)):
-            p = self._problems[idx]
+            p = self._problems.pop(idx)  # handed over: the collector keeps no reference
             yield idx, self._unspill(p) if isinstance(p, Path) else p
 
     def missing(self, layers: list[LayerRecord]) -> list[LayerRecord]:
-        """Active layers whose input never arrived."""
+        """Active layers whose input never arrived (before ``problems`` hands them over)."""
         return [r for r in layers if r.index not in self._problems]
 
     def close(self) -> None:

@@ -60,6 +60,24 @@ def validate(
 
     A model onnxlw wrote that onnxruntime cannot load is onnxlw's bug: InternalError.
     """
+    rng = np.random.default_rng([config.seed, 3])
+    n = config.validate_samples
+    b0 = inputs.static_batch
+    if b0 and n % b0:
+        n = b0 * -(-n // b0)  # a whole number of the model's fixed batches
+    feeds = draw_inputs(inputs, config, n, rng)
+    chunk = b0 or VALIDATE_CHUNK
+    parts = [{k: v[i : i + chunk] for k, v in feeds.items()} for i in range(0, n, chunk)]
+    ref_src = reference
+    if b0 is None:  # any batch runs: a lean session of the original, by path when it has one
+        ref_src = reference_path if reference_path is not None else reference
+    # The reference runs first and its session is freed before the compressed model's opens,
+    # so a large model's weights are held by one session at a time. Chunk by chunk, so
+    # outputs whose batch axis is not the first (a recognizer's [T, N, C]) compare as they come.
+    rs = session(ref_src, lean=True, level=LEAN_LEVEL)
+    refs = [rs.run(None, part) for part in parts]
+    del rs
+    release_memory()
     try:
         qs, counts = optimized_session(quantized)
     except Exception as e:  # noqa: BLE001 - ORT raises several types
@@ -67,26 +85,11 @@ def validate(
         raise InternalError(
             f"the compressed model does not load in onnxruntime: {msg}; no output was written"
         ) from None
-    rng = np.random.default_rng([config.seed, 3])
-    n = config.validate_samples
-    b0 = inputs.static_batch
-    if b0 and n % b0:
-        n = b0 * -(-n // b0)  # a whole number of the model's fixed batches
-    feeds = draw_inputs(inputs, config, n, rng)
-    release_memory()
-    chunk = b0 or VALIDATE_CHUNK
-    ref_src = reference
-    if b0 is None:  # any batch runs: a lean session of the original, by path when it has one
-        ref_src = reference_path if reference_path is not None else reference
-    rs = session(ref_src, lean=True, level=LEAN_LEVEL)
     sig = err = 0.0
     hits = rows = 0
     classify = True
-    # Chunk by chunk, so outputs whose batch axis is not the first (a recognizer's [T, N, C])
-    # are compared as they come, and memory stays bounded.
-    for i in range(0, n, chunk):
-        part = {k: v[i : i + chunk] for k, v in feeds.items()}
-        ref, got = rs.run(None, part), qs.run(None, part)
+    for part, ref in zip(parts, refs, strict=True):
+        got = qs.run(None, part)
         for r, g in zip(ref, got, strict=True):
             if r.dtype.kind != "f":
                 continue
