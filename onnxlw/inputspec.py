@@ -171,7 +171,7 @@ def _declared_range(
     except (OSError, ValueError, AttributeError):
         return None, ""
     r = range_from_preprocess(pre) if isinstance(pre, dict) else None
-    return (r, f"sidecar {side}") if r is not None else (None, "")
+    return (r, f"sidecar {side.name}") if r is not None else (None, "")
 
 
 def _dims_text(dims: tuple[int | str, ...]) -> str:

@@ -143,11 +143,16 @@ def _collect(
     weights = _Consts(view, {i: r.weight for i, r in by_index.items()})
     biases = _Consts(view, {i: r.bias for i, r in by_index.items()})
     collector = StatsCollector(analysis, loaded.inputs, config, weights, biases)
-    collector.info = synthesize(canon, collector.wanted, loaded.inputs, config, collector)
+    try:
+        collector.info = synthesize(canon, collector.wanted, loaded.inputs, config, collector)
+        collector.finish()
+        missing = collector.missing(analysis.active_layers)
+        if missing:
+            raise InternalError(f"synthesis produced no input for layer {missing[0].node!r}")
+    except BaseException:
+        collector.close()
+        raise
     release_memory()
-    missing = collector.missing(analysis.active_layers)
-    if missing:
-        raise InternalError(f"synthesis produced no input for layer {missing[0].node!r}")
     return collector
 
 

@@ -38,7 +38,8 @@ def conv_patches(
     cols = (xi * sw)[:, None, None] + kx[None, None, :] - pl  # (M, 1, kw)
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (M, kh, kw); else a pad
     patches = x[bi[:, None, None], :, np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)]
-    patches = np.where(inside[..., None], patches, np.zeros((), x.dtype))  # (M, kh, kw, C)
+    if not inside.all():
+        patches *= inside[..., None]  # (M, kh, kw, C); padded positions read zeros
     patches = np.moveaxis(patches, 3, 1)  # (M, C, kh, kw)
     return patches.reshape(m, group, (c // group) * kh * kw)
 

@@ -88,13 +88,16 @@ class LayerProblem:
         *,
         bias: np.ndarray | None = None,
         xq: np.ndarray | None = None,
+        xq_mean: np.ndarray | None = None,
         x_scale: float | None = None,
         pair_order: np.ndarray | None = None,
         name: str = "",
     ) -> LayerProblem:
-        """Build from sampled columns ``x`` (M, G, K) and their quantized copy ``xq``."""
+        """Build from sampled columns ``x`` (M, G, K) and their quantized copy ``xq`` (or
+        just its mean ``xq_mean`` (G, K))."""
         mean, cov, samples = input_stats(x)
-        xq_mean = xq.mean(axis=0, dtype=np.float64) if xq is not None else None
+        if xq is not None:
+            xq_mean = xq.mean(axis=0, dtype=np.float64)
         return cls(weight, bias, mean, cov, samples, x.shape[0], xq_mean, x_scale, pair_order, name)
 
     @property

@@ -31,6 +31,19 @@ def fake_quant(x: np.ndarray, scale: float, zp: int, bits: int = 8) -> np.ndarra
     return ((np.clip(np.rint(x / scale) + zp, 0, qmax) - zp) * scale).astype(x.dtype)
 
 
+def fake_quant_mean(x: np.ndarray, scale: float, zp: int, bits: int = 8) -> np.ndarray:
+    """Mean over axis 0 of ``fake_quant(x, ...)`` without materializing the dequantized copy.
+
+    ``x`` (M, ...) -> (...) float64. Same rounding (half to even) and saturation.
+    """
+    qmax = 2**bits - 1
+    q = x / np.float32(scale)
+    np.rint(q, out=q)
+    q += np.float32(zp)
+    np.clip(q, 0, qmax, out=q)
+    return (q.mean(axis=0, dtype=np.float64) - zp) * scale
+
+
 def choose_range(
     values: np.ndarray,
     *,

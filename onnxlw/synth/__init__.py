@@ -33,7 +33,8 @@ from ..ortutil import release_memory, run_batched
 from ..passes import Canonical
 from .inputs import synthetic_input
 
-Sink = Callable[[str, np.ndarray], None]
+Sink = Callable[[list[tuple[str, np.ndarray]]], None]
+"""Receives the synthesized tensors of one segment together: [(name, values (N, C, ...))]."""
 
 
 @dataclass
@@ -57,7 +58,8 @@ def draw_inputs(inputs: InputSpec, config: Config, batch: int, rng: np.random.Ge
 def synthesize(
     canon: Canonical, wanted: list[str], inputs: InputSpec, config: Config, sink: Sink
 ) -> SynthesisInfo:
-    """Synthesize every tensor in ``wanted`` and hand each to ``sink`` once, then drop it.
+    """Synthesize every tensor in ``wanted`` and hand each to ``sink`` once (a segment's
+    tensors together), then drop it.
 
     The synthesis model runs in segments (cut in topological order) so that the wanted
     tensors held at once stay under ``config.memory_budget_mb``; the tensors a later segment
@@ -84,13 +86,9 @@ def synthesize(
         notes.append(
             f"{fixed} Reshape(s) hard-code the batch size; synthesis copies the batch dim instead"
         )
-    for t in wanted:
-        if t in feeds:
-            sink(t, feeds[t])
+    sink([(t, feeds[t]) for t in wanted if t in feeds])
     feeds_all = {**feeds, **{cut_map[t]: v for t, v in cut_values.items()}}
-    for t, v in cut_values.items():
-        if t in wanted:
-            sink(t, v)
+    sink([(t, v) for t, v in cut_values.items() if t in wanted])
     targets = {out_map[t]: t for t in wanted if t not in cut_values and t not in feeds}
     chunked = False
     segments = _segments(synth_model, list(targets), shp, config.memory_budget_mb << 20)
@@ -109,9 +107,7 @@ def synthesize(
         )
         chunked |= was_chunked
         got = dict(zip(outs, res, strict=True))
-        for name in outs:
-            if name in targets:
-                sink(targets[name], got[name])
+        sink([(targets[name], got[name]) for name in outs if name in targets])
         carry = {n: v for n, v in {**carry, **got}.items() if n in needed_later}
         del res, got
         release_memory()
