@@ -66,11 +66,12 @@ def analyze(
     tainted = _tainted_tensors(view)
     unsupported = sorted({_op_id(n) for n in view.nodes if not _synth_safe(n)})
     floats = float_tensors(model, view)
+    dynamic = _dynamic_tensors(view)
     layers: list[LayerRecord] = []
     for n in view.nodes:
         if n.op_type not in OPS or n.domain not in ("", "ai.onnx"):
             continue
-        rec = _record(n, len(layers), view)
+        rec = _record(n, len(layers), view, dynamic)
         if rec.skip is None and rec.input in tainted:
             rec.skip = "its input passes through an op synthesis cannot run: " + ", ".join(
                 sorted(tainted[rec.input])
@@ -105,20 +106,32 @@ def analyze(
     return Analysis(layers, q, skips, unsupported, float_outputs)
 
 
-def _record(n: onnx.NodeProto, index: int, view: GraphView) -> LayerRecord:
+def _record(
+    n: onnx.NodeProto, index: int, view: GraphView, dynamic: set[str]
+) -> LayerRecord:
     """The op registry's record, or a record that says why the weight is not usable."""
     adapter = OPS[n.op_type]
     if len(n.input) >= 2 and view.is_const(n.input[1]):
         return adapter.record(n, index, view)
     w = n.input[1] if len(n.input) > 1 else ""
     p = view.producer.get(w)
-    why = (
-        f"its weight is computed at run time by {p.op_type} {p.name!r}"
-        + (" (an already quantized model? pass the FP32 model)" if p.op_type == "DequantizeLinear"
-           else " (not folded: too large or not constant)")
-        if p is not None
-        else "its weight is a graph input, not a constant"
-    )
+    if p is None:
+        why = "its weight is a graph input, not a constant"
+    elif p.op_type == "DequantizeLinear":
+        why = (
+            f"its weight is computed at run time by DequantizeLinear {p.name!r} (an already "
+            "quantized model? pass the FP32 model)"
+        )
+    elif w in dynamic:
+        why = (
+            f"its second operand is an activation (from {p.op_type} {p.name!r}): an "
+            "activation-by-activation product such as attention, not a layer with weights"
+        )
+    else:
+        why = (
+            f"its weight is computed at run time by {p.op_type} {p.name!r} from constants "
+            "that were not folded (over the folding size limit)"
+        )
     return LayerRecord(
         index, n.name, n.op_type, n.input[0], n.output[0], w, None, (), None, (),
         adapter.out_axis, skip=why,
@@ -151,6 +164,15 @@ def float_tensors(model: onnx.ModelProto, view: GraphView) -> set[str]:
             if t == onnx.TensorProto.FLOAT or (t == 0 and n.op_type not in INT_OUTPUT_OPS
                                                and n.op_type != "Cast"):
                 out.add(o)
+    return out
+
+
+def _dynamic_tensors(view: GraphView) -> set[str]:
+    """Tensors that depend on a graph input (not constant expressions)."""
+    out = set(view.graph_inputs)
+    for n in view.nodes:
+        if any(i in out for i in n.input if i):
+            out.update(o for o in n.output if o)
     return out
 
 

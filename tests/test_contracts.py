@@ -375,3 +375,16 @@ def test_any_executor_plugs_in() -> None:
     got, _ = onnxlw.compress(m, CFG, executor=Serial())
     assert Serial.calls == len([n for n in m.graph.node if n.op_type == "Conv"])
     assert got.SerializeToString() == ref.SerializeToString()
+
+
+def test_activation_by_activation_matmul_is_listed_with_its_reason() -> None:
+    """An attention-style MatMul (both operands activations) is listed, not dropped."""
+    b = M.Builder(12, 17)
+    y = b.conv_bn_relu("input", 3, 8)
+    f = b.node("Reshape", [y, b.init("s", np.array([0, 8, -1], np.int64))])
+    t = b.node("Transpose", [f], perm=[0, 2, 1])
+    a = b.node("MatMul", [f, t])
+    m = b.model([("input", ["N", 3, 8, 8])], [("att", a, ["N", 8, 8])])
+    _, rep = onnxlw.compress(m, CFG)
+    mm = [r for r in rep.layers if r.op_type == "MatMul"]
+    assert len(mm) == 1 and "activation-by-activation" in mm[0].skipped
