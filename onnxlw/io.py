@@ -19,6 +19,8 @@ from .errors import OnnxlwError
 from .graph import all_tensors
 from .inputspec import InputSpec, input_spec
 
+LARGE_PROTO = 1_800_000_000
+"""Protos beyond this are checked by path (protobuf cannot serialize 2 GB in memory)."""
 MIN_OPSET = 13
 """QDQ with per-channel axis needs opset 13; older models are converted up to it."""
 
@@ -100,7 +102,12 @@ def load(src: onnx.ModelProto | str | os.PathLike, config: Config) -> LoadedMode
         for o in declared_outputs
     ]
     try:
-        onnx.checker.check_model(model)
+        if model.ByteSize() < LARGE_PROTO:
+            onnx.checker.check_model(model)
+        elif path is not None and not notes:  # unchanged file: onnx checks it by path
+            onnx.checker.check_model(str(path))
+        else:
+            notes.append("the model is over 2 GB in memory: onnx.checker was skipped")
     except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise OnnxlwError(f"the model fails onnx.checker: {first}", "fix or re-export it") from None

@@ -143,3 +143,18 @@ def test_op_registry_round_trips_and_drops_channels(op, shape, group) -> None:
     if group == 1:
         kin = np.array([1, 3])
         assert ad.drop_inputs(rec, w, kin).shape[1 - rec.out_axis] == 2
+
+
+def test_huge_models_are_checked_by_path(monkeypatch, tmp_path: Path) -> None:
+    """Beyond protobuf's 2 GB the loaded model is checked by its file (a ModelProto that big
+    cannot be: the check is skipped and the report says so)."""
+    from onnxlw import io
+
+    monkeypatch.setattr(io, "LARGE_PROTO", 1000)
+    m = M.residual(batch="N")
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    loaded = io.load(src, Config())
+    assert not any("checker was skipped" in n for n in loaded.notes)
+    loaded = io.load(m, Config())
+    assert any("checker was skipped" in n for n in loaded.notes)
