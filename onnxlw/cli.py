@@ -133,6 +133,35 @@ def _parser() -> argparse.ArgumentParser:
         help="keep x86 u8s8 weight pairs within int16 (needed on x86 without VNNI; turn off "
         "for VNNI or ARM targets)",
     )
+    c.add_argument(
+        "--prune",
+        metavar="SPARSITY|N:M",
+        help="prune before quantizing: 0.5 zeroes 50 %% of all compressible weights (spread "
+        "over the layers by sensitivity); 2:4 keeps 2 of every 4 inputs",
+    )
+    c.add_argument(
+        "--no-quantize",
+        action="store_true",
+        help="with --prune: write the pruned FP32 model, not W8A8",
+    )
+    c.add_argument(
+        "--prune-method",
+        choices=["obs", "magnitude"],
+        default=Config.prune_method,
+        help="obs: saliency masks from the synthesized input statistics and a least-squares "
+        "refit; magnitude: keep the largest |w| (the baseline)",
+    )
+    c.add_argument(
+        "--prune-allocation",
+        choices=["sensitivity", "uniform"],
+        default=Config.prune_allocation,
+        help="how a global sparsity is spread over the layers",
+    )
+    c.add_argument(
+        "--no-prune-refit",
+        action="store_true",
+        help="keep the surviving weights as they are (an ablation of the refit)",
+    )
     c.add_argument("--workers", type=int, default=Config.workers, help="parallel layer solves")
     c.add_argument(
         "--executor",
@@ -213,6 +242,11 @@ def _config(a: argparse.Namespace) -> Config:
         workers=a.workers,
         executor=a.executor,
         memory_budget_mb=a.memory_budget,
+        prune=a.prune,
+        quantize=not a.no_quantize,
+        prune_method=a.prune_method,
+        prune_allocation=a.prune_allocation,
+        prune_refit=not a.no_prune_refit,
         fail_under_db=a.fail_under,
     )
 

@@ -99,6 +99,17 @@ class Config:
     """Where layer solves run: ``threads`` or ``processes`` (results do not depend on it)."""
     fail_under_db: float | None = None
     """Raise an error when the validation SQNR of the output is below this (dB)."""
+    prune: str | None = None
+    """Pruning target: ``"0.5"`` (that fraction of all compressible weights zero, spread over
+    the layers by sensitivity), ``"2:4"`` (N:M along the input dimension), or None."""
+    quantize: bool = True
+    """Quantize to W8A8 (after pruning, if any). False with ``prune``: a pruned FP32 model."""
+    prune_method: str = "obs"
+    """``obs`` (saliency masks from the synthesized H, least-squares refit) or ``magnitude``."""
+    prune_allocation: str = "sensitivity"
+    """``sensitivity`` (equal relative-error budget per layer) or ``uniform``."""
+    prune_refit: bool = True
+    """Refit the kept weights by least squares (with ``obs``)."""
     memory_budget_mb: int = 64
     """Synthesized activations held at once (MB); synthesis runs in segments beyond it."""
 
@@ -130,6 +141,22 @@ class Config:
         if self.executor not in ("threads", "processes"):
             raise OnnxlwError(
                 f"executor={self.executor!r} is unknown", "use 'threads' or 'processes'"
+            )
+        if self.prune is not None:
+            parse_prune(self.prune)
+        if not self.quantize and self.prune is None:
+            raise OnnxlwError(
+                "quantize=False without prune leaves nothing to do",
+                "pass a pruning target (--prune 0.5) or drop --no-quantize",
+            )
+        if self.prune_method not in ("obs", "magnitude"):
+            raise OnnxlwError(
+                f"prune_method={self.prune_method!r} is unknown", "use 'obs' or 'magnitude'"
+            )
+        if self.prune_allocation not in ("sensitivity", "uniform"):
+            raise OnnxlwError(
+                f"prune_allocation={self.prune_allocation!r} is unknown",
+                "use 'sensitivity' or 'uniform'",
             )
         if self.workers < 1:
             raise OnnxlwError(f"workers={self.workers} is too small", "use 1 or more workers")
@@ -167,6 +194,41 @@ class Config:
     def input_shape_map(self) -> dict[str, tuple[int, ...]]:
         """The ``input_shapes`` pins as a dict."""
         return dict(self.input_shapes)
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """A parsed ``--prune`` value: ``unstructured`` with a sparsity, or ``nm`` with N of M kept."""
+
+    kind: str
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+
+def parse_prune(text: str) -> PruneTarget:
+    """Parse ``0.5``, ``2:4`` or ``channels:0.3`` (the last is refused for now)."""
+    t = text.strip()
+    if t.startswith("channels:"):
+        raise OnnxlwError(
+            f"--prune {t}: channel pruning is not implemented yet",
+            "use unstructured (--prune 0.5) or N:M (--prune 2:4) pruning",
+        )
+    try:
+        if ":" in t:
+            n, m = (int(v) for v in t.split(":"))
+            if not 0 < n < m <= 64:
+                raise ValueError
+            return PruneTarget("nm", 1.0 - n / m, n, m)
+        s = float(t)
+        if not 0.0 < s < 1.0:
+            raise ValueError
+        return PruneTarget("unstructured", s)
+    except ValueError:
+        raise OnnxlwError(
+            f"--prune {t!r} is not a sparsity in (0, 1) or an N:M pattern",
+            "write e.g. --prune 0.5 or --prune 2:4",
+        ) from None
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -119,6 +119,12 @@ class OpAdapter:
         """How many input columns to sample for this layer."""
         return max_positions
 
+    def input_order(self, rec: LayerRecord) -> np.ndarray:
+        """K in "input dimension" order, the order N:M groups run along: (kh, kw, c) for a
+        conv (consecutive inputs are channels at one kernel position), plain for dense ops."""
+        k = int(np.prod(rec.weight_shape)) // rec.weight_shape[rec.out_axis]
+        return np.arange(k)
+
     def drop_outputs(self, rec: LayerRecord, w: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """The weight with only output channels ``keep`` (indices)."""
         return np.take(w, keep, axis=rec.out_axis)
@@ -174,6 +180,10 @@ class ConvAdapter(OpAdapter):
             positions=positions,
             rng=rng,
         )
+
+    def input_order(self, rec: LayerRecord) -> np.ndarray:
+        cin_g, kh, kw = rec.weight_shape[1], rec.weight_shape[2], rec.weight_shape[3]
+        return np.arange(cin_g * kh * kw).reshape(cin_g, kh, kw).transpose(1, 2, 0).ravel()
 
     def drop_inputs(self, rec: LayerRecord, w: np.ndarray, keep: np.ndarray) -> np.ndarray:
         if rec.groups != 1:

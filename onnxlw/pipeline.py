@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -23,14 +22,12 @@ from .emit import EMITTERS
 from .errors import InternalError, OnnxlwError
 from .graph import GraphView
 from .io import LoadedModel, load
+from .method import solve
 from .ortutil import release_memory
 from .passes import Canonical, canonicalize
 from .plan import Plan
 from .problems import StatsCollector
 from .report import make_report
-from .schedule import make_executor, solve_all
-from .solve.problem import QuantSpec
-from .solve.weights import solve_weights
 from .synth import SynthesisInfo, synthesize
 from .targets.ort_cpu import TUNED_FOR
 from .validate import validate
@@ -87,7 +84,7 @@ def compress(
     if plan is None:
         collector = stage("synthesize", _collect, canon, analysis, loaded, config)
         info = collector.info
-        the_plan = stage("solve", solve, canon, analysis, collector, loaded, config, executor)
+        the_plan = stage("solve", solve, analysis, collector, loaded, config, executor)
         the_plan.meta["fallback"] = info.fallback
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -176,41 +173,6 @@ class _Consts(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def solve(
-    canon: Canonical,
-    analysis: Analysis,
-    collector: StatsCollector,
-    loaded: LoadedModel,
-    config: Config,
-    executor: Executor | None = None,
-) -> Plan:
-    """Activation encodings from the collector, then every layer's solution."""
-    spec = QuantSpec(
-        bits=config.weight_bits,
-        scale_method=config.weight_scale.value,
-        bias_correction=config.bias_correction.value,
-    )
-    plan = Plan(format="qdq", meta={"input_sha256": loaded.sha256, "options": config.to_dict()})
-    for name in analysis.qtensors:
-        root = name
-        while analysis.qtensors[root].same_as is not None:
-            root = analysis.qtensors[root].same_as  # type: ignore[assignment]
-        plan.activations[name] = collector.acts[root]
-    solver = functools.partial(solve_weights, spec=spec)
-    try:
-        if executor is not None:
-            plan.layers = solve_all(collector.problems(), solver, executor, in_flight=2)
-        else:
-            with make_executor(config.executor, config.workers) as pool:
-                plan.layers = solve_all(
-                    collector.problems(), solver, pool, in_flight=config.workers
-                )
-    finally:
-        collector.close()
-    plan.layer_names = {r.index: r.node for r in analysis.active_layers}
-    return plan
 
 
 def no_layers_error(analysis: Analysis, model: onnx.ModelProto) -> OnnxlwError:

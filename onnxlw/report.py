@@ -120,6 +120,14 @@ class Report:
             f"size             : {_mb(self.size_before)} -> {_mb(self.size_after)} "
             f"({ratio:.2f}x smaller)"
         )
+        done = [r for r in self.layers if r.skipped is None]
+        if any("sparsity" in r.stats for r in done):
+            total = sum(r.params for r in done)
+            zeros = sum(r.params * r.stats.get("sparsity", 0.0) for r in done)
+            lines.append(
+                f"sparsity         : {100 * zeros / max(total, 1):.1f} % of {total:,} "
+                f"compressible weights are zero (target {self.config.get('prune')})"
+            )
         fixes = sum(r.saturation_fixes or 0 for r in self.layers)
         bfix = sum(r.bias_scale_fixes or 0 for r in self.layers)
         lines.append(
