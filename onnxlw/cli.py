@@ -158,6 +158,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how a global sparsity is spread over the layers",
     )
     c.add_argument(
+        "--sparse-format",
+        choices=["compact", "dense"],
+        default=Config.sparse_format,
+        help="compact: each pruned weight as the smallest of dense, a bitmask that onnxruntime "
+        "expands at session start, or a sparse initializer; dense: plain zeros",
+    )
+    c.add_argument(
         "--no-prune-refit",
         action="store_true",
         help="keep the surviving weights as they are (an ablation of the refit)",
@@ -247,6 +254,7 @@ def _config(a: argparse.Namespace) -> Config:
         prune_method=a.prune_method,
         prune_allocation=a.prune_allocation,
         prune_refit=not a.no_prune_refit,
+        sparse_format=a.sparse_format,
         fail_under_db=a.fail_under,
     )
 

@@ -110,6 +110,9 @@ class Config:
     """``sensitivity`` (equal relative-error budget per layer) or ``uniform``."""
     prune_refit: bool = True
     """Refit the kept weights by least squares (with ``obs``)."""
+    sparse_format: str = "compact"
+    """How pruned weights are stored: ``compact`` (per tensor the smallest of dense, a bitmask
+    expanded at session start, or a sparse initializer) or ``dense`` (plain zeros)."""
     memory_budget_mb: int = 64
     """Synthesized activations held at once (MB); synthesis runs in segments beyond it."""
 
@@ -152,6 +155,10 @@ class Config:
         if self.prune_method not in ("obs", "magnitude"):
             raise OnnxlwError(
                 f"prune_method={self.prune_method!r} is unknown", "use 'obs' or 'magnitude'"
+            )
+        if self.sparse_format not in ("compact", "dense"):
+            raise OnnxlwError(
+                f"sparse_format={self.sparse_format!r} is unknown", "use 'compact' or 'dense'"
             )
         if self.prune_allocation not in ("sensitivity", "uniform"):
             raise OnnxlwError(

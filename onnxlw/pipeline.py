@@ -19,6 +19,7 @@ from ._version import __version__
 from .analyze import Analysis, analyze
 from .config import Config
 from .emit import EMITTERS
+from .emit.compact import compact_sparse
 from .errors import InternalError, OnnxlwError
 from .graph import GraphView
 from .io import LoadedModel, load
@@ -92,6 +93,9 @@ def compress(
             {r.index: r.node for r in analysis.active_layers}, loaded.sha256
         )
     out = stage("emit", EMITTERS[the_plan.format], canon, analysis, the_plan)
+    forms: list = []
+    if config.prune is not None and config.sparse_format == "compact":
+        out, forms = stage("compact", compact_sparse, out)
     check_model(out, "emit")
     release_memory()
     validation = stage(
@@ -106,6 +110,7 @@ def compress(
     report.size_after = out.ByteSize()
     report.wall_time = round(time.perf_counter() - t0, 3)
     report.plan = the_plan
+    report.sparse_storage = _storage(forms)
     if config.fail_under_db is not None and validation.sqnr_db < config.fail_under_db:
         raise OnnxlwError(
             f"the output's validation SQNR {validation.sqnr_db:.1f} dB is below "
@@ -114,6 +119,18 @@ def compress(
             "or lower --fail-under",
         )
     return out, report
+
+
+def _storage(forms: list) -> dict[str, Any]:
+    """How pruned weights were stored: tensors per form and bytes before/after."""
+    if not forms:
+        return {}
+    out: dict[str, Any] = {"tensors": {}, "dense_bytes": 0, "stored_bytes": 0}
+    for c in forms:
+        out["tensors"][c.form] = out["tensors"].get(c.form, 0) + 1
+        out["dense_bytes"] += c.dense_bytes
+        out["stored_bytes"] += c.bytes
+    return out
 
 
 def check_model(model: onnx.ModelProto, after: str) -> None:

@@ -69,6 +69,8 @@ class Report:
     inputs: dict[str, Any] = field(default_factory=dict)
     synthesis: dict[str, Any] = field(default_factory=dict)
     onnxruntime_version: str = ""
+    sparse_storage: dict[str, Any] = field(default_factory=dict)
+    """Pruned weights' storage: tensors per form (dense/bitmask/sparse) and bytes."""
     plan: Any = field(default=None, repr=False, compare=False)
     """The solved :class:`~onnxlw.plan.Plan` (not part of the JSON)."""
 
@@ -128,6 +130,13 @@ class Report:
                 f"sparsity         : {100 * zeros / max(total, 1):.1f} % of {total:,} "
                 f"compressible weights are zero (target {self.config.get('prune')})"
             )
+            st = self.sparse_storage
+            if st:
+                forms = ", ".join(f"{v} {k}" for k, v in sorted(st["tensors"].items()))
+                lines.append(
+                    f"sparse storage   : {forms}; weights {_mb(st['dense_bytes'])} -> "
+                    f"{_mb(st['stored_bytes'])}"
+                )
         fixes = sum(r.saturation_fixes or 0 for r in self.layers)
         bfix = sum(r.bias_scale_fixes or 0 for r in self.layers)
         lines.append(

@@ -27,7 +27,9 @@ def weights_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def test_pruned_fp32_output_carries_the_plan_and_runs() -> None:
     m = M.gemm_head(batch="N")
-    out, rep = onnxlw.compress(m, dataclasses.replace(CFG, prune="0.5", quantize=False))
+    out, rep = onnxlw.compress(
+        m, dataclasses.replace(CFG, prune="0.5", quantize=False, sparse_format="dense")
+    )
     onnx.checker.check_model(out)
     w = weights_of(out)
     total = zeros = 0
@@ -58,7 +60,7 @@ def _rec(rep, index):  # noqa: ANN001, ANN202 - the analysis record behind a rep
 
 def test_pruned_w8a8_keeps_zeros_and_fuses() -> None:
     m = M.residual(batch="N")
-    out, rep = onnxlw.compress(m, dataclasses.replace(CFG, prune="0.5"))
+    out, rep = onnxlw.compress(m, dataclasses.replace(CFG, prune="0.5", sparse_format="dense"))
     n_conv = sum(1 for r in rep.layers if r.op_type == "Conv")
     assert fused_conv_counts(out) == (n_conv, 0)
     for r in rep.layers:
@@ -73,7 +75,9 @@ def test_pruned_w8a8_keeps_zeros_and_fuses() -> None:
 
 def test_n_m_output_pattern_along_input_channels() -> None:
     m = M.conv_bn_relu(batch="N")
-    out, rep = onnxlw.compress(m, dataclasses.replace(CFG, prune="2:4", quantize=False))
+    out, rep = onnxlw.compress(
+        m, dataclasses.replace(CFG, prune="2:4", quantize=False, sparse_format="dense")
+    )
     w = weights_of(out)
     for r in rep.layers:
         wt = w[r.node]  # (O, C, kh, kw): groups of 4 input channels at each kernel position
@@ -125,3 +129,48 @@ def test_plan_round_trip_with_masks(tmp_path) -> None:
     assert again.SerializeToString() == out.SerializeToString()
     with pytest.raises(OnnxlwError):
         Config(prune="0")
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_compact_storage_is_exact_smaller_and_still_fuses(quantize: bool) -> None:
+    b = M.Builder(3, 17)
+    y = b.conv_bn_relu(b.conv_bn_relu("input", 3, 32), 32, 64)
+    out_dims = ["N", 64, 16, 16]
+    m = b.model([("input", ["N", 3, 16, 16])], [("out", b.conv_bn_relu(y, 64, 64), out_dims)])
+    cfg = dataclasses.replace(CFG, prune="0.6", quantize=quantize)
+    compact, rep = onnxlw.compress(m, cfg)
+    dense, _ = onnxlw.compress(m, dataclasses.replace(cfg, sparse_format="dense"))
+    assert compact.ByteSize() < dense.ByteSize()
+    assert rep.sparse_storage["tensors"].get("bitmask", 0) >= 1
+    feeds = M.random_feeds(m, batch=2)
+    a, b = session(dense).run(None, feeds)[0], session(compact).run(None, feeds)[0]
+    np.testing.assert_array_equal(a, b)
+    assert fused_conv_counts(compact) == fused_conv_counts(dense)
+
+
+def test_compact_forms_chosen_by_size() -> None:
+    from onnx import TensorProto, helper
+
+    from onnxlw.emit.compact import compact_sparse
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    very = w * (rng.random(w.shape) < 0.01)   # 99 % zeros: the sparse initializer is smallest
+    half = w * (rng.random(w.shape) < 0.5)    # 50 % zeros: the bitmask is smallest
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["y1"]), helper.make_node("MatMul", ["y1", "b"],
+                                                                         ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(very, "a"), numpy_helper.from_array(half, "b")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    out, choices = compact_sparse(m)
+    forms = {c.name: c.form for c in choices}
+    assert forms == {"a": "sparse", "b": "bitmask"}
+    onnx.checker.check_model(out)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(
+        session(out).run(None, {"x": x})[0], (x @ very) @ half, rtol=1e-5, atol=1e-5
+    )
