@@ -61,8 +61,9 @@ def compact_sparse(
             continue
         flat = a.ravel()
         nz = np.flatnonzero(flat)
+        item = a.dtype.itemsize
         dense = t.ByteSize()
-        if len(nz) * 2 > a.size:  # under half zeros: dense is smaller whatever the form
+        if len(nz) >= a.size * (1 - 1 / (8 * item)):  # the bitmask alone outweighs the zeros
             keep.append(t)
             continue
         # Measure, not estimate: build each form and count its serialized bytes.

@@ -1,0 +1,115 @@
+"""Pruning sweep on the shared models: accuracy, sparsity, file size and latency per setting.
+
+Usage::
+
+    python tools/prune_sweep.py --out-md prune.md [--shared ../shared]
+
+Each row compresses one shared model with one set of options (in-process, seed 0), then
+evaluates the output against its FP32 model with ``onnxlw eval``'s code on the model's
+evaluation images (ImageNet sample images: all 1000; CIFAR-10: an even 2000). Latency is the
+median of 30 batch-1 runs alternated with the FP32 model, one intra-op thread. Rows are the
+baseline (layer-uniform magnitude pruning, bias correction on), then each stage of the method
+added: OBS masks without refit, + least-squares refit, + sensitivity allocation (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from onnxlw import Config, compress  # noqa: E402
+from onnxlw.evaluation.evaluate import evaluate, measure_latency  # noqa: E402
+from onnxlw.evaluation.preprocess import load_images, select_preset  # noqa: E402
+from onnxlw.io import save_atomic  # noqa: E402
+
+BASE = {"magnitude uniform": {"prune_method": "magnitude", "prune_allocation": "uniform"},
+        "OBS masks, no refit, uniform": {"prune_allocation": "uniform", "prune_refit": False},
+        "OBS + refit, uniform": {"prune_allocation": "uniform"},
+        "OBS + refit + allocation (default)": {}}
+
+SWEEP: dict[str, list[tuple[str, str, dict]]] = {
+    "resnet56_cifar10": [
+        *((f"{s}", name, kw) for s in ("0.3", "0.5") for name, kw in BASE.items()),
+        ("0.6", "OBS + refit + allocation (default)", {}),
+        ("0.6", "magnitude uniform", BASE["magnitude uniform"]),
+        ("2:4", "magnitude", {"prune_method": "magnitude"}),
+        ("2:4", "OBS + refit", {}),
+    ],
+    "mobilenetv2": [
+        *((f"{s}", name, kw) for s in ("0.1", "0.2") for name, kw in BASE.items()),
+        ("0.3", "OBS + refit + allocation (default)", {}),
+        ("2:4", "OBS + refit", {}),
+    ],
+    "mobilenetv2_bnfolded": [
+        ("0.2", "magnitude uniform", BASE["magnitude uniform"]),
+        ("0.2", "OBS + refit + allocation (default)", {}),
+    ],
+    "resnet20_cifar10": [
+        ("0.5", "magnitude uniform", BASE["magnitude uniform"]),
+        ("0.5", "OBS + refit + allocation (default)", {}),
+    ],
+    "resnet20_cifar10_bnfolded": [
+        ("0.5", "magnitude uniform", BASE["magnitude uniform"]),
+        ("0.5", "OBS + refit + allocation (default)", {}),
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="shared folder")
+    ap.add_argument("--out-md", type=Path, required=True, help="write the Markdown table here")
+    ap.add_argument("--models", default=",".join(SWEEP), help="comma-separated model stems")
+    ap.add_argument("--quantize", action="store_true", help="also W8A8 (default: FP32 output)")
+    a = ap.parse_args(argv)
+    lines = [
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- command: `python tools/prune_sweep.py {' '.join(argv or sys.argv[1:])}`",
+        "",
+        "| model | --prune | method | agree % | Δtop-1 | sparsity | file × | zipped × "
+        "| latency × | compress s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in a.models.split(","):
+            src = a.shared / "models" / f"{model}.onnx"
+            cifar = "cifar" in model
+            imgs = a.shared / "data" / ("cifar10-test-jpg" if cifar else "imagenet-sample-images")
+            limit = 2000 if cifar else None
+            x1, _, _ = load_images(imgs, select_preset(src), 1)
+            ref_bytes = src.read_bytes()
+            for prune, name, kw in SWEEP[model]:
+                cfg = Config(seed=0, prune=prune, quantize=a.quantize, **kw)
+                t0 = time.perf_counter()
+                m, rep = compress(src, cfg)
+                secs = time.perf_counter() - t0
+                out = Path(tmp) / f"{model}.onnx"
+                save_atomic(m, out)
+                e = evaluate(src, out, imgs, None, limit=limit, latency_runs=0)
+                lat = measure_latency([src, out], x1[:1], runs=30, threads=1)
+                done = [r for r in rep.layers if r.skipped is None]
+                zeros = sum(r.params * r.stats.get("sparsity", 0.0) for r in done)
+                sparsity = zeros / sum(r.params for r in done)
+                size = os.path.getsize(out) / len(ref_bytes)
+                zipped = len(zlib.compress(out.read_bytes(), 6)) / len(zlib.compress(ref_bytes, 6))
+                lines.append(
+                    f"| {model} | {prune} | {name} | {100 * e.top1_agreement:.1f} "
+                    f"| {100 * (e.cand_top1 - e.ref_top1):+.1f} | {sparsity:.3f} | {size:.3f} "
+                    f"| {zipped:.3f} | {lat[1] / lat[0]:.2f} | {secs:.1f} |"
+                )
+                print(lines[-1], flush=True)
+    a.out_md.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
