@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--act-bits", type=int, default=8, help="activation bits (8 for now)")
     c.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     c.add_argument(
-        "--samples", type=int, default=Config.samples, help="synthetic images per synthesis run"
+        "--samples",
+        type=int,
+        default=None,
+        help="synthetic images per synthesis run (default: 16, or 32 with --prune)",
     )
     c.add_argument(
         "--input-shape",

@@ -64,8 +64,10 @@ class Config:
     weight_bits: int = 8
     act_bits: int = 8
     seed: int = 0
-    samples: int = 16
-    """Number of synthetic images drawn at the graph input (batch of the synthesis run)."""
+    samples: int | None = None
+    """Synthetic images drawn at the graph input (the synthesis batch). None: 16, or 32 with
+    ``prune`` (a layer's refit needs a better estimate of H than its scales do: MobileNetV2 at
+    20 % sparsity measured −1.1 pt with 16 and −0.9 pt with 32)."""
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Pins for dynamic input dims, used for synthesis only: ((name, dims), ...)."""
     input_distribution: InputDistribution = InputDistribution.PINK
@@ -128,7 +130,7 @@ class Config:
                 f"act_bits={self.act_bits} is not supported yet",
                 "use --act-bits 8 (onnxruntime fuses only 8-bit activations)",
             )
-        if self.samples < 2:
+        if self.samples is not None and self.samples < 2:
             raise OnnxlwError(f"samples={self.samples} is too small", "use 2 or more samples")
         if self.input_range is not None and not (
             math.isfinite(self.input_range[0])
@@ -181,6 +183,13 @@ class Config:
                 v = list(v)
             out[f.name] = v
         return out
+
+    @property
+    def synth_samples(self) -> int:
+        """The synthesis batch actually used (``samples`` resolved)."""
+        if self.samples is not None:
+            return self.samples
+        return 32 if self.prune is not None else 16
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:

@@ -67,11 +67,11 @@ def synthesize(
     """
     rng = np.random.default_rng(config.seed)
     model = canon.model
-    feeds = draw_inputs(inputs, config, config.samples, rng)
+    feeds = draw_inputs(inputs, config, config.synth_samples, rng)
     stats = canon.bn_stats
     mode = config.synthesis
     notes: list[str] = []
-    shapes = inputs.shapes(config.samples)
+    shapes = inputs.shapes(config.synth_samples)
     shp = _static_shapes(model, shapes)
     cut_values: dict[str, np.ndarray] = {}
     if mode is Synthesis.GAUSSIAN and stats:
@@ -81,7 +81,7 @@ def synthesize(
     synth_model, out_map, cut_map = build_synthesis_model(
         model, stats if mode is Synthesis.MATCHED else {}, set(cut_values), wanted
     )
-    synth_model, fixed = _unpin_batch_reshapes(synth_model, inputs, config.samples)
+    synth_model, fixed = _unpin_batch_reshapes(synth_model, inputs, config.synth_samples)
     if fixed:
         notes.append(
             f"{fixed} Reshape(s) hard-code the batch size; synthesis copies the batch dim instead"
@@ -103,7 +103,7 @@ def synthesize(
             continue
         seg_feeds = {i.name: carry[i.name] for i in seg_model.graph.input}
         res, was_chunked = run_batched(
-            seg_model, seg_feeds, outs, config.samples, inputs.static_batch
+            seg_model, seg_feeds, outs, config.synth_samples, inputs.static_batch
         )
         chunked |= was_chunked
         got = dict(zip(outs, res, strict=True))
