@@ -64,6 +64,30 @@ ENUM_OPTIONS = (
 )
 """The options that choose among a Config enum's values: (flag, enum, default, help)."""
 
+STR_OPTIONS = (
+    (
+        "--prune-method",
+        ["obs", "magnitude"],
+        Config.prune_method,
+        "obs: saliency masks from the synthesized input statistics and a least-squares "
+        "refit; magnitude: keep the largest |w| (the baseline)",
+    ),
+    (
+        "--prune-allocation",
+        ["sensitivity", "uniform"],
+        Config.prune_allocation,
+        "how a global sparsity is spread over the layers",
+    ),
+    (
+        "--sparse-format",
+        ["compact", "dense"],
+        Config.sparse_format,
+        "compact: each pruned weight as the smallest of dense, a bitmask that onnxruntime "
+        "expands at session start, or a sparse initializer; dense: plain zeros",
+    ),
+)
+"""String-choice options: (flag, choices, default, help)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -147,26 +171,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --prune: write the pruned FP32 model, not W8A8",
     )
-    c.add_argument(
-        "--prune-method",
-        choices=["obs", "magnitude"],
-        default=Config.prune_method,
-        help="obs: saliency masks from the synthesized input statistics and a least-squares "
-        "refit; magnitude: keep the largest |w| (the baseline)",
-    )
-    c.add_argument(
-        "--prune-allocation",
-        choices=["sensitivity", "uniform"],
-        default=Config.prune_allocation,
-        help="how a global sparsity is spread over the layers",
-    )
-    c.add_argument(
-        "--sparse-format",
-        choices=["compact", "dense"],
-        default=Config.sparse_format,
-        help="compact: each pruned weight as the smallest of dense, a bitmask that onnxruntime "
-        "expands at session start, or a sparse initializer; dense: plain zeros",
-    )
+    for flag, choices, default, text in STR_OPTIONS:
+        c.add_argument(flag, choices=choices, default=default, help=text)
     c.add_argument(
         "--no-prune-refit",
         action="store_true",

@@ -3,10 +3,12 @@
 Each layer's sensitivity is read off its synthesized input statistics in one pass: pruning
 weight i alone costs about wᵢ² / [H⁻¹]ᵢᵢ of output error (the Optimal Brain Surgeon saliency),
 so the cumulative sum of the sorted saliencies, divided by the layer's output energy wᵀHw, is
-an estimate of the layer's relative output error at every sparsity. The allocation then gives
-every layer the same relative-error budget τ and picks, by bisection on τ, the budget whose
-largest admissible per-layer sparsities add up to the global target. Layers whose error rises
-fast (a first conv, depthwise convs, a classifier) get less sparsity without a hand rule.
+an estimate of the layer's relative output error at every sparsity. The allocation minimizes
+the sum of these errors for the global target: every layer prunes until its marginal error
+per removed weight reaches a common price λ, found by bisection. Layers whose error rises fast
+(a first conv, depthwise convs, a classifier) get less sparsity without a hand rule.
+Giving every layer the same relative-error budget instead was measured worse than uniform
+sparsity (BENCHMARKS.md), so it is not offered.
 """
 
 from __future__ import annotations
@@ -88,38 +90,3 @@ def _exact(choice: dict[int, float], sizes: dict[int, int], target: float) -> di
     out = dict(choice)
     out[big] = max(0.0, choice[big] - excess * total / sizes[big])
     return out
-
-
-def allocate_equal_error(
-    curves: dict[int, np.ndarray], sizes: dict[int, int], target: float
-) -> dict[int, float]:
-    """Per-layer sparsity (a value of ``GRID``) so that the weighted mean reaches ``target``,
-    every layer with the same relative-error budget (measured worse than uniform: see
-    BENCHMARKS; kept for comparison).
-
-    ``curves``: layer -> relative error at each GRID sparsity (non-decreasing);
-    ``sizes``: layer -> number of weights. The result uses the smallest common error budget
-    whose per-layer choices reach the target (it may overshoot by one grid step of one layer).
-    """
-    total = sum(sizes.values())
-
-    def pick(tau: float) -> dict[int, float]:
-        out = {}
-        for i, c in curves.items():
-            ok = np.nonzero(np.maximum.accumulate(c) <= tau)[0]
-            out[i] = float(GRID[ok[-1]]) if len(ok) else 0.0
-        return out
-
-    def reached(choice: dict[int, float]) -> float:
-        return sum(choice[i] * sizes[i] for i in choice) / max(total, 1)
-
-    lo, hi = 0.0, max(float(np.max(c)) for c in curves.values()) + 1.0
-    if reached(pick(hi)) < target:
-        return pick(hi)  # the target exceeds the grid: every layer at its maximum
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if reached(pick(mid)) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return pick(hi)
