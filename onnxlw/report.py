@@ -69,6 +69,8 @@ class Report:
     inputs: dict[str, Any] = field(default_factory=dict)
     synthesis: dict[str, Any] = field(default_factory=dict)
     onnxruntime_version: str = ""
+    size_zipped_before: int = 0
+    size_zipped_after: int = 0
     sparse_storage: dict[str, Any] = field(default_factory=dict)
     """Pruned weights' storage: tensors per form (dense/bitmask/sparse) and bytes."""
     plan: Any = field(default=None, repr=False, compare=False)
@@ -130,11 +132,16 @@ class Report:
                 f"sparsity         : {100 * zeros / max(total, 1):.1f} % of {total:,} "
                 f"compressible weights are zero (target {self.config.get('prune')})"
             )
+            if self.size_zipped_after:
+                lines.append(
+                    f"zipped size      : {_mb(self.size_zipped_before)} -> "
+                    f"{_mb(self.size_zipped_after)} (zlib level 6)"
+                )
             st = self.sparse_storage
             if st:
                 forms = ", ".join(f"{v} {k}" for k, v in sorted(st["tensors"].items()))
                 lines.append(
-                    f"sparse storage   : {forms}; weights {_mb(st['dense_bytes'])} -> "
+                    f"sparse storage   : {forms}; those tensors {_mb(st['dense_bytes'])} -> "
                     f"{_mb(st['stored_bytes'])}"
                 )
         fixes = sum(r.saturation_fixes or 0 for r in self.layers)
@@ -148,6 +155,12 @@ class Report:
                 f"fused convs      : {v.qlinear_conv} QLinearConv, {v.float_conv} float "
                 "Conv left (onnxruntime ORT_ENABLE_ALL)"
             )
+            if v.latency_ms is not None and v.reference_latency_ms:
+                lines.append(
+                    f"latency          : {v.latency_ms:.2f} ms vs {v.reference_latency_ms:.2f} ms "
+                    f"FP32 ({v.latency_ms / v.reference_latency_ms:.2f}x; batch 1, one thread, "
+                    "median)"
+                )
             lines.append(
                 f"self-check       : output SQNR {v.sqnr_db:.1f} dB vs FP32 on {v.samples} "
                 "synthetic inputs (not an accuracy figure; pass --images DIR or run "

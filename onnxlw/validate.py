@@ -9,6 +9,7 @@ agreement on real images.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -41,6 +42,10 @@ class Validation:
     samples: int
     inputs: str = "synthetic"
     looks_broken: bool = False
+    latency_ms: float | None = None
+    """Median batch-1 latency of the output (one intra-op thread), when measured."""
+    reference_latency_ms: float | None = None
+    """The same for the original model, runs alternated with the output's."""
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready view."""
@@ -53,6 +58,7 @@ def validate(
     inputs: InputSpec,
     config: Config,
     reference_path: str | os.PathLike | None = None,
+    latency_runs: int = 0,
 ) -> Validation:
     """Load ``quantized`` in ORT, count fused ops, compare with ``reference``.
 
@@ -104,4 +110,34 @@ def validate(
     sqnr = float(10 * np.log10(sig / err)) if err > 0 else float("inf")
     agree = hits / rows if classify and rows else None
     fused, fp = conv_counts(counts)
-    return Validation(fused, fp, counts, sqnr, agree, n, looks_broken=sqnr < BROKEN_DB)
+    lat = ref_lat = None
+    if latency_runs:
+        del qs
+        release_memory()
+        ref_lat, lat = _latency(ref_src, quantized, {k: v[:1] for k, v in feeds.items()},
+                                latency_runs)
+    return Validation(
+        fused, fp, counts, sqnr, agree, n, looks_broken=sqnr < BROKEN_DB, latency_ms=lat,
+        reference_latency_ms=ref_lat,
+    )
+
+
+def _latency(
+    reference: onnx.ModelProto | str | os.PathLike,
+    out: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    runs: int,
+) -> tuple[float, float]:
+    """Median batch-1 latency in ms of (reference, out): one intra-op thread, alternated runs
+    so that background load affects both alike, after 3 warm-up runs each."""
+    sessions = [session(reference, threads=1), session(out, threads=1)]
+    for s in sessions:
+        for _ in range(3):
+            s.run(None, feeds)
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for k, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times[0])), float(np.median(times[1]))

@@ -174,3 +174,14 @@ def test_compact_forms_chosen_by_size() -> None:
     np.testing.assert_allclose(
         session(out).run(None, {"x": x})[0], (x @ very) @ half, rtol=1e-5, atol=1e-5
     )
+
+
+def test_prune_report_has_size_zipped_size_and_latency() -> None:
+    _, rep = onnxlw.compress(M.residual(batch="N"), dataclasses.replace(CFG, prune="0.5"))
+    v = rep.validation
+    assert v.latency_ms > 0 and v.reference_latency_ms > 0
+    assert 0 < rep.size_zipped_after < rep.size_zipped_before
+    text = rep.summary()
+    assert "latency          :" in text and "zipped size      :" in text
+    d = rep.to_dict()
+    assert all("sparsity" in lr["stats"] for lr in d["layers"] if lr["skipped"] is None)
