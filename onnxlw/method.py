@@ -22,6 +22,14 @@ from .solve.problem import LayerProblem, LayerSolution, QuantSpec
 from .solve.prune import PruneSpec, prune_layer
 from .solve.weights import solve_weights
 
+FALLBACK_DAMPING = 1.0
+"""Relative damping of H for pruning when the model has no BN statistics: H then describes
+propagated noise, not the data, and is pulled toward its diagonal. Measured with `--prune 0.5`:
+BN-folded ResNet-20 -16.9 pt at 0.01, -5.1 pt at 1.0 (magnitude -12.8); BN-folded MobileNetV2
+at 20 %: -0.9 / -0.1 pt."""
+KEPT_BN_DAMPING = 0.01
+"""Relative damping of H for pruning when BN statistics were found (as in SparseGPT)."""
+
 
 def solve(
     analysis: Analysis,
@@ -29,6 +37,7 @@ def solve(
     loaded: LoadedModel,
     config: Config,
     executor: Executor | None = None,
+    bn_found: bool = True,
 ) -> Plan:
     """Activation encodings (when quantizing), then every layer's solution."""
     fmt = "qdq" if config.quantize else "dense"
@@ -52,7 +61,10 @@ def solve(
             solver = functools.partial(solve_weights, spec=qspec)
             plan.layers = solve_all(collector.problems(), solver, pool, in_flight=in_flight)
         else:
-            plan.layers = _prune_all(analysis, collector, config, qspec, pool, in_flight)
+            damping = KEPT_BN_DAMPING if bn_found else FALLBACK_DAMPING
+            plan.layers = _prune_all(
+                analysis, collector, config, qspec, pool, in_flight, damping
+            )
     finally:
         collector.close()
         if own:
@@ -68,12 +80,14 @@ def _prune_all(
     qspec: QuantSpec,
     pool: Executor,
     in_flight: int,
+    damping: float,
 ) -> dict[int, LayerSolution]:
     target = parse_prune(config.prune or "")
     problems = dict(collector.problems())
     recs = {r.index: r for r in analysis.active_layers}
     orders = {i: recs[i].adapter.input_order(recs[i]) for i in problems}
     base = PruneSpec(
+        damping=damping,
         method=config.prune_method,
         refit=config.prune_refit,
         bias_correction=config.bias_correction.value != "none",
@@ -88,7 +102,10 @@ def _prune_all(
             curves = dict(
                 zip(
                     problems,
-                    pool.map(functools.partial(sensitivity, magnitude=mag), problems.values()),
+                    pool.map(
+                        functools.partial(sensitivity, damping=damping, magnitude=mag),
+                        problems.values(),
+                    ),
                     strict=True,
                 )
             )

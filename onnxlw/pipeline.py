@@ -88,7 +88,9 @@ def compress(
     if plan is None:
         collector = stage("synthesize", _collect, canon, analysis, loaded, config)
         info = collector.info
-        the_plan = stage("solve", solve, analysis, collector, loaded, config, executor)
+        the_plan = stage(
+            "solve", solve, analysis, collector, loaded, config, executor, canon.bn_found
+        )
         the_plan.meta["fallback"] = info.fallback
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
