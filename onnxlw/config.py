@@ -214,7 +214,8 @@ class Config:
 
 @dataclass(frozen=True)
 class PruneTarget:
-    """A parsed ``--prune`` value: ``unstructured`` with a sparsity, or ``nm`` with N of M kept."""
+    """A parsed ``--prune`` value: ``unstructured`` with a sparsity, ``nm`` with N of M kept, or
+    ``channels`` with the fraction of inner channels removed."""
 
     kind: str
     sparsity: float
@@ -223,14 +224,14 @@ class PruneTarget:
 
 
 def parse_prune(text: str) -> PruneTarget:
-    """Parse ``0.5``, ``2:4`` or ``channels:0.3`` (the last is refused for now)."""
+    """Parse ``0.5``, ``2:4`` or ``channels:0.3``."""
     t = text.strip()
-    if t.startswith("channels:"):
-        raise OnnxlwError(
-            f"--prune {t}: channel pruning is not implemented yet",
-            "use unstructured (--prune 0.5) or N:M (--prune 2:4) pruning",
-        )
     try:
+        if t.startswith("channels:"):
+            f = float(t.split(":", 1)[1])
+            if not 0.0 < f < 1.0:
+                raise ValueError
+            return PruneTarget("channels", f)
         if ":" in t:
             n, m = (int(v) for v in t.split(":"))
             if not 0 < n < m <= 64:
@@ -242,8 +243,8 @@ def parse_prune(text: str) -> PruneTarget:
         return PruneTarget("unstructured", s)
     except ValueError:
         raise OnnxlwError(
-            f"--prune {t!r} is not a sparsity in (0, 1) or an N:M pattern",
-            "write e.g. --prune 0.5 or --prune 2:4",
+            f"--prune {t!r} is not a sparsity in (0, 1), an N:M pattern or channels:FRACTION",
+            "write e.g. --prune 0.5, --prune 2:4 or --prune channels:0.3",
         ) from None
 
 

@@ -31,6 +31,15 @@ KEPT_BN_DAMPING = 0.01
 """Relative damping of H for pruning when BN statistics were found (as in SparseGPT)."""
 
 
+def only_channels(config: Config) -> bool:
+    """Channel removal with FP32 output: the precondition did all the work."""
+    return (
+        config.prune is not None
+        and parse_prune(config.prune).kind == "channels"
+        and not config.quantize
+    )
+
+
 def solve(
     analysis: Analysis,
     collector: StatsCollector,
@@ -57,7 +66,7 @@ def solve(
     pool = make_executor(config.executor, config.workers) if own else executor
     in_flight = config.workers if own else 2
     try:
-        if config.prune is None:
+        if config.prune is None or parse_prune(config.prune).kind == "channels":
             solver = functools.partial(solve_weights, spec=qspec)
             plan.layers = solve_all(collector.problems(), solver, pool, in_flight=in_flight)
         else:

@@ -18,13 +18,15 @@ from onnx import numpy_helper
 
 from ._version import __version__
 from .analyze import Analysis, analyze
-from .config import Config
+from .channels import prune_channels
+from .config import Config, parse_prune
 from .emit import EMITTERS
 from .emit.compact import compact_sparse
 from .errors import InternalError, OnnxlwError
 from .graph import GraphView
+from .inputspec import InputSpec
 from .io import LoadedModel, load
-from .method import solve
+from .method import only_channels, solve
 from .ortutil import release_memory
 from .passes import Canonical, canonicalize
 from .plan import Plan
@@ -73,7 +75,9 @@ def compress(
     loaded: LoadedModel = stage("load", load, model, config)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
     check_model(canon.model, "canonicalize")
-    canon = stage("precondition", precondition, canon, config)
+    canon = stage("precondition", precondition, canon, config, loaded.inputs)
+    if canon.model is not loaded.model:
+        check_model(canon.model, "precondition")
     analysis: Analysis = stage(
         "analyze",
         analyze,
@@ -85,7 +89,9 @@ def compress(
     if not analysis.active_layers:
         raise no_layers_error(analysis, loaded.model)
     info: SynthesisInfo | None = None
-    if plan is None:
+    if plan is None and only_channels(config):
+        the_plan = Plan(format="canonical", meta={"input_sha256": loaded.sha256})
+    elif plan is None:
         collector = stage("synthesize", _collect, canon, analysis, loaded, config)
         info = collector.info
         the_plan = stage(
@@ -153,8 +159,13 @@ def check_model(model: onnx.ModelProto, after: str) -> None:
         raise InternalError(f"the model after {after} fails onnx.checker: {first}") from None
 
 
-def precondition(canon: Canonical, config: Config) -> Canonical:
-    """Function-preserving rescaling passes before analysis (none is enabled yet)."""
+def precondition(canon: Canonical, config: Config, inputs: InputSpec) -> Canonical:
+    """Passes that change the model before analysis: channel removal (``--prune
+    channels:F``). Function-preserving rescaling (cross-layer equalization) comes later."""
+    if config.prune is not None:
+        target = parse_prune(config.prune)
+        if target.kind == "channels":
+            return prune_channels(canon, inputs, config, target.sparsity)
     return canon
 
 

@@ -104,7 +104,7 @@ def test_magnitude_and_no_refit_options_run_and_cost_more() -> None:
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--prune", "channels:0.3"], ["channel pruning is not implemented yet"]),
+        (["--prune", "channels:1.5"], ["channels:FRACTION"]),
         (["--prune", "1.5"], ["not a sparsity"]),
         (["--prune", "5:4"], ["not a sparsity"]),
         (["--no-quantize"], ["nothing to do"]),
