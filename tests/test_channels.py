@@ -72,23 +72,27 @@ def test_channel_removal_then_w8a8_fuses() -> None:
     assert fused_conv_counts(out) == (3, 1)  # the last conv writes the graph output: a head
 
 
-def test_refit_beats_dropping_alone() -> None:
-    """The consumer's least-squares refit (and the mean moved into its bias) pays."""
+def test_group_obs_beats_dropping_by_magnitude() -> None:
+    """Choosing channels by group OBS with the least-squares update (and the mean moved into
+    the bias) beats dropping the channels with the smallest weights and keeping the rest."""
     from onnxlw import channels as C
 
     m = chain_model()
     cfg = dataclasses.replace(CFG, prune="channels:0.5", quantize=False)
     refit, _ = onnxlw.compress(m, cfg)
-    orig = C._refit
+    orig = C.select_channels
 
-    def drop_only(w, mean, h, cols, bias):  # noqa: ANN001, ANN202
-        return w[:, cols], bias
+    def by_magnitude(w, h, mean, bias, per, keep):  # noqa: ANN001, ANN202
+        norm = (w**2).reshape(w.shape[0], -1, per).sum(axis=(0, 2))
+        kept = np.sort(np.argsort(-norm, kind="stable")[:keep])
+        cols = (kept[:, None] * per + np.arange(per)).ravel()
+        return kept, w[:, cols], bias
 
-    C._refit = drop_only
+    C.select_channels = by_magnitude
     try:
         plain, _ = onnxlw.compress(m, cfg)
     finally:
-        C._refit = orig
+        C.select_channels = orig
     feeds = M.random_feeds(m, batch=8, seed=3)
     a = session(m).run(None, feeds)[0]
     e_refit = np.mean((session(refit).run(None, feeds)[0] - a) ** 2)

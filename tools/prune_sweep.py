@@ -64,12 +64,22 @@ SWEEP: dict[str, list[tuple[str, str, dict]]] = {
 }
 
 
+CHANNEL_SWEEP: dict[str, list[tuple[str, str, dict]]] = {
+    "resnet56_cifar10": [("channels:0.2", "channels", {}), ("channels:0.3", "channels", {}),
+                         ("channels:0.5", "channels", {})],
+    "mobilenetv2": [("channels:0.1", "channels", {}), ("channels:0.2", "channels", {})],
+    "resnet20_cifar10": [("channels:0.3", "channels", {})],
+}
+"""Channel removal rows (``--channels``): latency is the column that matters there."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="shared folder")
     ap.add_argument("--out-md", type=Path, required=True, help="write the Markdown table here")
     ap.add_argument("--models", default=",".join(SWEEP), help="comma-separated model stems")
     ap.add_argument("--quantize", action="store_true", help="also W8A8 (default: FP32 output)")
+    ap.add_argument("--channels", action="store_true", help="the channel-removal rows only")
     a = ap.parse_args(argv)
     lines = [
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
@@ -79,15 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         "| latency × | compress s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    sweep = CHANNEL_SWEEP if a.channels else SWEEP
+    models = [m for m in a.models.split(",") if m in sweep]
     with tempfile.TemporaryDirectory() as tmp:
-        for model in a.models.split(","):
+        for model in models:
             src = a.shared / "models" / f"{model}.onnx"
             cifar = "cifar" in model
             imgs = a.shared / "data" / ("cifar10-test-jpg" if cifar else "imagenet-sample-images")
             limit = 2000 if cifar else None
             x1, _, _ = load_images(imgs, select_preset(src), 1)
             ref_bytes = src.read_bytes()
-            for prune, name, kw in SWEEP[model]:
+            for prune, name, kw in sweep[model]:
                 cfg = Config(seed=0, prune=prune, quantize=a.quantize, **kw)
                 t0 = time.perf_counter()
                 m, rep = compress(src, cfg)
