@@ -34,6 +34,7 @@ from .graph import GraphView, attrs
 from .inputspec import InputSpec
 from .passes import Canonical, Note
 from .problems import StatsCollector
+from .solve.prune import hessian
 from .synth import synthesize
 
 WIDTH_MULTIPLE = 8
@@ -53,7 +54,6 @@ class Chain:
 def find_chains(canon: Canonical) -> tuple[list[Chain], list[Note]]:
     """Chains whose inner channels can be removed, and notes for convs that cannot."""
     view = GraphView(canon.model)
-    by_name = {n.name: n for n in view.nodes}
     chains: list[Chain] = []
     notes: list[Note] = []
 
@@ -89,7 +89,6 @@ def find_chains(canon: Canonical) -> tuple[list[Chain], list[Note]]:
             notes.append(Note("channels", "chain", n.name, False, "too few channels"))
             continue
         chains.append(Chain(n.name, dw.name if dw else None, nxt.name, int(w.shape[0])))
-    del by_name
     return chains, notes
 
 
@@ -146,7 +145,7 @@ def prune_channels(
             continue
         cw = np.asarray(p.weight[0], np.float64)  # (O, Cin * kh * kw)
         per = cw.shape[1] // ch.channels
-        h = np.asarray(p.cov if p.cov is not None else _cov(p), np.float64)[0]
+        h = hessian(p, centered=True)[0]
         kept, new_w, new_b = select_channels(
             cw, h, p.mean[0], _bias(view, rec, cw.shape[0]), per, keep
         )
@@ -167,11 +166,6 @@ def prune_channels(
     notes.append(Note("channels", "total", "graph", removed_total > 0,
                       f"removed {removed_total} channels in {len(chains)} chains"))
     return Canonical(model, stats, [*canon.notes, *notes])
-
-
-def _cov(p) -> np.ndarray:  # noqa: ANN001 - LayerProblem with samples
-    x = np.asarray(p.x, np.float64).transpose(1, 0, 2) - p.mean[:, None, :]
-    return np.matmul(x.transpose(0, 2, 1), x) / max(x.shape[1], 1)
 
 
 def _bias(view: GraphView, rec, o: int) -> np.ndarray:  # noqa: ANN001

@@ -370,3 +370,13 @@ def _copy_fields(src, dst, skip: set[str]) -> None:  # noqa: ANN001 - any protob
             getattr(dst, field.name).CopyFrom(value)
         else:
             setattr(dst, field.name, value)
+
+
+def bias_add(node: onnx.NodeProto, bias: str, alloc: NameAllocator) -> onnx.NodeProto:
+    """An ``Add`` of ``bias`` after ``node`` (a MatMul has no bias input): ``node`` now writes
+    a fresh tensor and the Add writes ``node``'s former output, so readers are unchanged."""
+    out = node.output[0]
+    node.output[0] = alloc.fresh(f"{out}_nobias")
+    return helper.make_node(
+        "Add", [node.output[0], bias], [out], name=alloc.fresh(f"{node.name}_bias_add")
+    )

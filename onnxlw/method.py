@@ -53,10 +53,7 @@ def solve(
     plan = Plan(format=fmt, meta={"input_sha256": loaded.sha256, "options": config.to_dict()})
     if config.quantize:
         for name in analysis.qtensors:
-            root = name
-            while analysis.qtensors[root].same_as is not None:
-                root = analysis.qtensors[root].same_as  # type: ignore[assignment]
-            plan.activations[name] = collector.acts[root]
+            plan.activations[name] = collector.act_for(name)
     qspec = QuantSpec(
         bits=config.weight_bits,
         scale_method=config.weight_scale.value,

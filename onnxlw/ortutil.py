@@ -110,19 +110,6 @@ def run(
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
-def static_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed batch size (dim 0) of the first graph input, or None when it is symbolic."""
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return int(dims[0].dim_value)
-        return None
-    return None
-
-
 def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose graph inputs have a symbolic dim 0 (outputs' shapes are dropped)."""
     m = onnx.ModelProto()

@@ -74,7 +74,6 @@ def compress(
 
     loaded: LoadedModel = stage("load", load, model, config)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
-    check_model(canon.model, "canonicalize")
     canon = stage("precondition", precondition, canon, config, loaded.inputs)
     if canon.model is not loaded.model:
         check_model(canon.model, "precondition")
@@ -113,7 +112,7 @@ def compress(
         "validate", validate, out, loaded.model, loaded.inputs, config, loaded.path,
         LATENCY_RUNS if config.prune is not None else 0,
     )
-    fallback = _fallback(canon, info, the_plan)
+    fallback = info.fallback if info is not None else the_plan.meta.get("fallback")
     _set_metadata(out, loaded, canon, config, fallback, validation)
     report = make_report(loaded, canon, analysis, the_plan, config, fallback, info)
     report.validation = validation
@@ -241,12 +240,6 @@ def no_layers_error(analysis: Analysis, model: onnx.ModelProto) -> OnnxlwError:
         f"no compressible layer: {top[1]} of {len(analysis.layers)} layers: {top[0][:160]}",
         "run `onnxlw inspect` for every layer's reason",
     )
-
-
-def _fallback(canon: Canonical, info: SynthesisInfo | None, plan: Plan) -> str | None:
-    if info is not None:
-        return info.fallback
-    return plan.meta.get("fallback")
 
 
 def _set_metadata(

@@ -79,7 +79,6 @@ class StatsCollector:
         for r in analysis.active_layers:
             self.by_input.setdefault(r.input, []).append(r)
         self.weights, self.biases = weights, biases
-        self.acts: dict[str, ActQuant] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._problems: dict[int, LayerProblem | Path] = {}
         self.sizes: dict[int, int] = {}
@@ -128,7 +127,6 @@ class StatsCollector:
         """Wait for every queued reduction."""
         while self._in_flight:
             self._drain(self._in_flight.pop(0))
-        self.acts = {n: f.result() for n, f in self._range_jobs.items()}
 
     def _drain(self, jobs: list[Future]) -> None:
         for f in jobs:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..analyze import Analysis
-from ..graph import GraphView, NameAllocator, rebuild
+from ..graph import GraphView, NameAllocator, bias_add, rebuild
 from ..passes import Canonical
 from ..plan import Plan
 
@@ -43,12 +43,7 @@ def emit_dense(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelPr
             nodes.append(m)
             if np.any(bias != 0):
                 inits.append(numpy_helper.from_array(bias, bn))
-                tmp = alloc.fresh(f"{m.output[0]}_nobias")
-                out = m.output[0]
-                m.output[0] = tmp
-                nodes.append(
-                    helper.make_node("Add", [tmp, bn], [out], name=alloc.fresh(f"{n.name}_bias"))
-                )
+                nodes.append(bias_add(m, bn, alloc))
             continue
         inits.append(numpy_helper.from_array(bias, bn))
         if len(m.input) > 2:

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from ..analyze import Analysis
 from ..errors import InternalError
-from ..graph import GraphView, NameAllocator, rebuild
+from ..graph import GraphView, NameAllocator, bias_add, rebuild
 from ..io import default_opset
 from ..passes import Canonical
 from ..plan import Plan
@@ -172,14 +172,8 @@ def _matmul_bias(
     out: list[onnx.NodeProto] = []
     for n in nodes:
         if n.name in mm:
-            _, bdq = layer_inputs[n.name]
-            tmp = alloc.fresh(f"{n.output[0]}_nobias")
-            orig = n.output[0]
-            n.output[0] = tmp
-            out.append(n)
-            out.append(
-                helper.make_node("Add", [tmp, bdq], [orig], name=alloc.fresh(f"{n.name}_bias_add"))
-            )
+            add = bias_add(n, layer_inputs[n.name][1], alloc)
+            out += [n, add]
         else:
             out.append(n)
     return out

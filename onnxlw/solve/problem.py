@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def input_stats(
-    x: np.ndarray, order_free_cov: bool = True
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def input_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(mean, cov, samples) of sampled columns ``x`` (M, G, K).
 
     ``mean`` (G, K) float64. When M >= K: ``cov`` (G, K, K) float64 = Cov[x] (centered second

@@ -104,9 +104,8 @@ def prune_layer(
     if spec.bias_correction:
         shift = np.einsum("gok,gk->go", w - wp, p.mean)
     d = w - wp
-    hc = h if spec.bias_correction else h  # the error the bias cannot absorb
-    err = float(np.einsum("gok,gkl,gol->", d, hc, d))
-    sig = float(np.einsum("gok,gkl,gol->", w, hc, w))
+    err = float(np.einsum("gok,gkl,gol->", d, h, d))  # centred H: what the bias cannot absorb
+    sig = float(np.einsum("gok,gkl,gol->", w, h, w))
     stats = {
         "sparsity": float(1.0 - mask.mean()),
         "sqnr_db": _db(sig, err),

@@ -219,13 +219,6 @@ def _segment_model(
     return sm, [t.name for t in outs], {i for i in later if i not in consts}
 
 
-def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
-    for vi in model.graph.input:
-        if vi.name == name:
-            return vi.type.tensor_type.elem_type
-    return None
-
-
 def _static_shapes(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
