@@ -185,3 +185,35 @@ def test_prune_report_has_size_zipped_size_and_latency() -> None:
     assert "latency          :" in text and "zipped size      :" in text
     d = rep.to_dict()
     assert all("sparsity" in lr["stats"] for lr in d["layers"] if lr["skipped"] is None)
+
+
+def test_bitmask_tensors_share_one_expansion_and_expand_exactly() -> None:
+    """Several zero-heavy tensors of odd sizes (bit segments not byte-aligned) are rebuilt
+    bit-exactly by onnxruntime from one shared CumSum/Gather expansion."""
+    from onnx import TensorProto, helper
+
+    from onnxlw.emit.compact import compact_sparse
+
+    rng = np.random.default_rng(1)
+    shapes = [(37, 29), (29, 41), (41, 13)]
+    ws = [
+        (rng.standard_normal(s) * (rng.random(s) < 0.4)).astype(np.float32) for s in shapes
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w2"], ["y"])]
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 37])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 13])],
+        [numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(ws)],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    out, choices = compact_sparse(m)
+    assert {c.form for c in choices} == {"bitmask"} and len(choices) == 3
+    assert [n.op_type for n in out.graph.node].count("CumSum") == 1
+    assert out.ByteSize() < 0.8 * m.ByteSize()
+    onnx.checker.check_model(out)
+    x = rng.standard_normal((3, 37)).astype(np.float32)
+    np.testing.assert_array_equal(session(out).run(None, {"x": x})[0], session(m).run(None,
+                                  {"x": x})[0])

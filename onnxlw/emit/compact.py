@@ -3,14 +3,19 @@
 Pruned weights are mostly zeros. Each such initializer is written in the smallest of:
 
 - ``dense``: as is;
-- ``bitmask``: a packed bit per weight (kept or not) plus the kept values, expanded by a
-  constant subgraph (bits → Div/Mod → CumSum → Gather → Reshape) that onnxruntime folds into
-  a dense initializer at session start, so inference runs at dense speed and a quantized
-  Conv still fuses into QLinearConv (measured in the tests);
+- ``bitmask``: a bit per weight (kept or not) plus the kept values. All bitmask tensors of one
+  dtype share one constant expansion subgraph (bits → Div/Mod → CumSum → Gather), and each
+  tensor is a Slice → Reshape of its result. onnxruntime folds the whole subgraph into dense
+  initializers at session start, so inference runs at dense speed and a quantized Conv still
+  fuses into QLinearConv (measured in the tests). Sharing the subgraph makes a tensor's
+  overhead a few dozen bytes, so small layers pay too;
 - ``sparse``: a ``sparse_initializer`` (values plus int64 indices: pays only when almost
   everything is zero).
 
-Each form is built and its serialized bytes counted; the smallest wins (dense on a tie).
+Each tensor's dense, sparse and bitmask bytes are counted from serialized protos (the bitmask
+share: its bits, its kept values and its Slice/Reshape with their constants); the smallest
+wins (dense on a tie). A group is capped at ``GROUP_ELEMENTS`` weights so the transient int64
+arrays of the expansion stay small at session start on large models.
 
 Hand-written because no library writes this form; the subgraph uses opset-13 ops only.
 """
@@ -26,7 +31,10 @@ from onnx import TensorProto, helper, numpy_helper
 from ..graph import NameAllocator
 
 MIN_ELEMENTS = 256
-"""Smaller tensors stay dense (the subgraph's constants cost more than they save)."""
+"""Smaller tensors stay dense."""
+
+GROUP_ELEMENTS = 1 << 22
+"""At most this many weights share one expansion (its int64 temporaries are 8 B per weight)."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,9 @@ def compact_sparse(
     g = out.graph
     alloc = NameAllocator(out)
     keep: list[onnx.TensorProto] = []
-    head: list[onnx.NodeProto] = []
     choices: list[Choice] = []
+    groups: dict[int, list[list[tuple[str, np.ndarray]]]] = {}
+    pending: list[tuple[int, str, np.ndarray, int, int]] = []
     for t in g.initializer:
         if (names is not None and t.name not in names) or t.data_type not in _NUMERIC:
             keep.append(t)
@@ -61,18 +70,18 @@ def compact_sparse(
             continue
         flat = a.ravel()
         nz = np.flatnonzero(flat)
-        item = a.dtype.itemsize
         dense = t.ByteSize()
-        if len(nz) >= a.size * (1 - 1 / (8 * item)):  # the bitmask alone outweighs the zeros
+        if len(nz) >= a.size * (1 - 1 / (8 * a.dtype.itemsize)):  # bits alone outweigh zeros
             keep.append(t)
             continue
-        # Measure, not estimate: build each form and count its serialized bytes.
-        b_inits, b_nodes = _bitmask(t.name, a, alloc)
-        bitmask = sum(x.ByteSize() for x in b_inits) + sum(x.ByteSize() for x in b_nodes)
         values = numpy_helper.from_array(flat[nz], t.name)
         indices = numpy_helper.from_array(nz.astype(np.int64), t.name + "_indices")
         sp = helper.make_sparse_tensor(values, indices, list(a.shape))
-        sizes = {"dense": dense, "bitmask": bitmask, "sparse": sp.ByteSize()}
+        sizes = {
+            "dense": dense,
+            "bitmask": _share_bytes(t.name, a, len(nz)),
+            "sparse": sp.ByteSize(),
+        }
         form = min(sizes, key=lambda f: (sizes[f], f != "dense"))
         choices.append(Choice(t.name, form, dense, sizes[form]))
         if form == "dense":
@@ -80,66 +89,114 @@ def compact_sparse(
         elif form == "sparse":
             g.sparse_initializer.append(sp)
         else:
-            keep += b_inits
-            head += b_nodes
+            pending.append((t.data_type, t.name, a, dense, sizes[form]))
+    for dtype, name, a, _, _ in pending:
+        chunks = groups.setdefault(dtype, [[]])
+        if chunks[-1] and sum(x.size for _, x in chunks[-1]) + a.size > GROUP_ELEMENTS:
+            chunks.append([])
+        chunks[-1].append((name, a))
+    head: list[onnx.NodeProto] = []
+    for chunks in groups.values():
+        for members in chunks:
+            inits, nodes = _expansion(members, alloc)
+            keep += inits
+            head += nodes
     del g.initializer[:]
     g.initializer.extend(keep)
-    nodes = head + list(g.node)
+    nodes_all = head + list(g.node)
     del g.node[:]
-    g.node.extend(nodes)
+    g.node.extend(nodes_all)
     return out, choices
 
 
 _NUMERIC = {TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT16}
 
 
-def _bitmask(
-    name: str, a: np.ndarray, alloc: NameAllocator
+def _share_bytes(name: str, a: np.ndarray, kept: int) -> int:
+    """Serialized bytes one tensor adds to a shared expansion: its packed bits, its kept values
+    and its Slice/Reshape nodes with their three int64 constants."""
+    bits = -(-a.size // 8)
+    consts = [
+        numpy_helper.from_array(np.zeros(1, np.int64), f"{name}__s"),
+        numpy_helper.from_array(np.zeros(1, np.int64), f"{name}__e"),
+        numpy_helper.from_array(np.zeros(a.ndim, np.int64), f"{name}__shape"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["all", f"{name}__s", f"{name}__e"], [f"{name}__flat"],
+                         name=f"{name}__slice"),
+        helper.make_node("Reshape", [f"{name}__flat", f"{name}__shape"], [name],
+                         name=f"{name}__reshape"),
+    ]
+    return (
+        bits + kept * a.dtype.itemsize + sum(c.ByteSize() for c in consts)
+        + sum(n.ByteSize() for n in nodes)
+    )
+
+
+def _expansion(
+    members: list[tuple[str, np.ndarray]], alloc: NameAllocator
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Initializers and nodes that rebuild ``a`` under ``name`` from bits and kept values."""
-    flat = a.ravel()
-    mask = flat != 0
-    n = flat.size
-    pad = (-n) % 8
-    bits = np.packbits(np.concatenate([mask, np.zeros(pad, bool)]))  # most significant first
-    vals = np.concatenate([flat[mask], np.zeros(1, a.dtype)])  # index -1 reads the final zero
+    """Initializers and nodes that rebuild every ``(name, array)`` of ``members`` (one dtype)
+    from one packed bit string and one array of kept values.
+
+    Each tensor's bits start on a byte boundary (its last byte is padded with zero bits), so
+    tensor ``k`` is bits ``[start_k, start_k + size_k)`` of the unpacked mask. The value index
+    of a kept weight is its running count of kept weights minus one; a dropped weight reads
+    index -1, the zero appended after all values."""
+    dtype = members[0][1].dtype
+    masks, vals, starts = [], [], []
+    offset = 0
+    for _, a in members:
+        m = a.ravel() != 0
+        pad = (-m.size) % 8
+        masks.append(np.concatenate([m, np.zeros(pad, bool)]))
+        vals.append(a.ravel()[m])
+        starts.append(offset)
+        offset += m.size + pad
+    bits = np.packbits(np.concatenate(masks))  # most significant bit first
+    values = np.concatenate(vals + [np.zeros(1, dtype)])
 
     def nm(base: str) -> str:
-        return alloc.fresh(f"{name}__{base}")
+        return alloc.fresh(f"onnxlw_sparse__{base}")
 
-    c = {
-        k: nm(k)
-        for k in ("bits", "vals", "col", "pow", "two", "nbits", "zero", "len", "ax", "one", "shape")
-    }
+    c = {k: nm(k) for k in ("bits", "vals", "col", "pow", "two", "nbits", "ax", "one")}
     inits = [
         numpy_helper.from_array(bits, c["bits"]),
-        numpy_helper.from_array(vals, c["vals"]),
+        numpy_helper.from_array(values, c["vals"]),
         numpy_helper.from_array(np.array([-1, 1], np.int64), c["col"]),
         numpy_helper.from_array(np.array([128, 64, 32, 16, 8, 4, 2, 1], np.int32), c["pow"]),
         numpy_helper.from_array(np.array([2], np.int32), c["two"]),
-        numpy_helper.from_array(np.array([n + pad], np.int64), c["nbits"]),
-        numpy_helper.from_array(np.array([0], np.int64), c["zero"]),
-        numpy_helper.from_array(np.array([n], np.int64), c["len"]),
+        numpy_helper.from_array(np.array([offset], np.int64), c["nbits"]),
         numpy_helper.from_array(np.array(0, np.int64), c["ax"]),
         numpy_helper.from_array(np.array(1, np.int64), c["one"]),
-        numpy_helper.from_array(np.array(a.shape, np.int64), c["shape"]),
     ]
-    t = {k: nm(k) for k in ("b32", "col32", "shifted", "bit", "flat", "mask", "m64", "cs",
-                            "csm", "idx", "vals_flat")}
+    t = {k: nm(k) for k in ("b32", "col32", "shifted", "bit", "mask", "m64", "cs", "csm", "idx",
+                            "all")}
     nodes = [
         helper.make_node("Cast", [c["bits"]], [t["b32"]], to=TensorProto.INT32),
         helper.make_node("Reshape", [t["b32"], c["col"]], [t["col32"]]),
         helper.make_node("Div", [t["col32"], c["pow"]], [t["shifted"]]),
         helper.make_node("Mod", [t["shifted"], c["two"]], [t["bit"]]),
-        helper.make_node("Reshape", [t["bit"], c["nbits"]], [t["flat"]]),
-        helper.make_node("Slice", [t["flat"], c["zero"], c["len"]], [t["mask"]]),
+        helper.make_node("Reshape", [t["bit"], c["nbits"]], [t["mask"]]),
         helper.make_node("Cast", [t["mask"]], [t["m64"]], to=TensorProto.INT64),
         helper.make_node("CumSum", [t["m64"], c["ax"]], [t["cs"]]),
         helper.make_node("Mul", [t["cs"], t["m64"]], [t["csm"]]),
         helper.make_node("Sub", [t["csm"], c["one"]], [t["idx"]]),
-        helper.make_node("Gather", [c["vals"], t["idx"]], [t["vals_flat"]], axis=0),
-        helper.make_node("Reshape", [t["vals_flat"], c["shape"]], [name]),
+        helper.make_node("Gather", [c["vals"], t["idx"]], [t["all"]], axis=0),
     ]
-    for k, node in enumerate(nodes):
-        node.name = alloc.fresh(f"{name}__expand_{k}")
+    for node in nodes:
+        node.name = alloc.fresh(f"onnxlw_sparse__{node.op_type}")
+    for (name, a), s in zip(members, starts, strict=True):
+        k = {x: alloc.fresh(f"{name}__{x}") for x in ("s", "e", "shape", "flat")}
+        inits += [
+            numpy_helper.from_array(np.array([s], np.int64), k["s"]),
+            numpy_helper.from_array(np.array([s + a.size], np.int64), k["e"]),
+            numpy_helper.from_array(np.array(a.shape, np.int64), k["shape"]),
+        ]
+        nodes += [
+            helper.make_node("Slice", [t["all"], k["s"], k["e"]], [k["flat"]],
+                             name=alloc.fresh(f"{name}__slice")),
+            helper.make_node("Reshape", [k["flat"], k["shape"]], [name],
+                             name=alloc.fresh(f"{name}__reshape")),
+        ]
     return inits, nodes
