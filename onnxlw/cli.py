@@ -103,8 +103,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("input", help="the FP32 model (.onnx)")
     c.add_argument("-o", "--output", required=True, help="where to write the compressed model")
-    c.add_argument("--weight-bits", type=int, default=8, help="weight bits (8 for now)")
-    c.add_argument("--act-bits", type=int, default=8, help="activation bits (8 for now)")
+    c.add_argument(
+        "--weight-bits",
+        type=int,
+        default=8,
+        help="weight bits of every compressible layer, classifier included (2-8); below 8 the "
+        "weights are stored packed and expanded to int8 at session start (still fused)",
+    )
+    c.add_argument(
+        "--act-bits",
+        type=int,
+        default=8,
+        help="activation bits (4-8); below 8 a uint8 Clip between Q and DQ keeps the "
+        "integer kernels fused",
+    )
+    c.add_argument(
+        "--layer-bits",
+        action="append",
+        default=[],
+        metavar="PATTERN=BITS",
+        help="weight bits of the layers whose node name, weight name or op type matches the "
+        "glob PATTERN (repeatable; the first match wins over --weight-bits)",
+    )
+    c.add_argument(
+        "--size-budget",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="mixed precision: pick each layer's weight bits (2-8) so that the output file is "
+        "at most FRACTION of the input file, with the least predicted output error",
+    )
+    c.add_argument(
+        "--rounding",
+        choices=["auto", "gptq", "nearest"],
+        default="auto",
+        help="weight rounding: gptq (Hessian-aware, on the synthesized input covariance), "
+        "nearest, or auto (gptq below 8 bits)",
+    )
+    c.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="store weights below 8 bits as plain int8 (as large as 8-bit weights)",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     c.add_argument(
         "--samples",
@@ -265,7 +305,21 @@ def _config(a: argparse.Namespace) -> Config:
         prune_refit=not a.no_prune_refit,
         sparse_format=a.sparse_format,
         fail_under_db=a.fail_under,
+        layer_bits=tuple(parse_layer_bits(x) for x in a.layer_bits),
+        size_budget=a.size_budget,
+        rounding=a.rounding,
+        pack_weights=not a.no_pack,
     )
+
+
+def parse_layer_bits(text: str) -> tuple[str, int]:
+    """``PATTERN=BITS`` -> (pattern, bits)."""
+    pat, sep, bits = text.rpartition("=")
+    if not sep or not pat or not bits.strip().isdigit():
+        raise OnnxlwError(
+            f"--layer-bits {text!r} is not PATTERN=BITS", "write e.g. --layer-bits 'conv1*=8'"
+        )
+    return pat, int(bits)
 
 
 def _compress(a: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ class BiasCorrection(str, enum.Enum):
     NONE = "none"
     WEIGHTS = "weights"  # shift from weight quantization: (W_q - W) E[x]
     FULL = "full"  # shift from weight and input quantization: W E[x] - W_q E[Q(x)]
+
+
+MIN_WEIGHT_BITS = 2
+MIN_ACT_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,8 @@ class Config:
     prune_method: str = "obs"
     """``obs`` (saliency masks from the synthesized H, least-squares refit) or ``magnitude``."""
     prune_allocation: str = "sensitivity"
-    """``sensitivity`` (equal relative-error budget per layer) or ``uniform``."""
+    """``sensitivity`` (each layer prunes until its marginal output error per removed weight
+    reaches a common price) or ``uniform``."""
     prune_refit: bool = True
     """Refit the kept weights by least squares (with ``obs``)."""
     sparse_format: str = "compact"
@@ -117,19 +123,45 @@ class Config:
     expanded at session start, or a sparse initializer) or ``dense`` (plain zeros)."""
     memory_budget_mb: int = 64
     """Synthesized activations held at once (MB); synthesis runs in segments beyond it."""
+    rounding: str = "auto"
+    """Weight rounding for the chosen scales: ``gptq`` (Hessian-aware, on the synthesized
+    input covariance), ``nearest``, or ``auto`` (gptq below 8 bits, nearest at 8)."""
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    """Per-layer weight bits: ((glob pattern on node/weight name or op type, bits), ...); the
+    first match wins over ``weight_bits``."""
+    size_budget: float | None = None
+    """Mixed precision: choose each layer's weight bits (2-8) so that the output file is at
+    most this fraction of the input file, with the least predicted output error."""
+    pack_weights: bool = True
+    """Store weights below 8 bits packed (b bits each), expanded to int8 at session start."""
 
     def __post_init__(self) -> None:
-        if self.weight_bits != 8:
+        for what, b in [("weight_bits", self.weight_bits)] + [
+            (f"layer_bits {pat!r}", b) for pat, b in self.layer_bits
+        ]:
+            if not MIN_WEIGHT_BITS <= b <= 8:
+                raise OnnxlwError(
+                    f"{what}={b} is out of range", f"use {MIN_WEIGHT_BITS} to 8 weight bits"
+                )
+        if not MIN_ACT_BITS <= self.act_bits <= 8:
             raise OnnxlwError(
-                f"weight_bits={self.weight_bits} is not supported yet (it would be stored as "
-                "int8, as large as 8 bits)",
-                "use 8 bits (low-bit weights are on the roadmap)",
+                f"act_bits={self.act_bits} is out of range",
+                f"use {MIN_ACT_BITS} to 8 activation bits",
             )
-        if self.act_bits != 8:
+        if self.rounding not in ("auto", "gptq", "nearest"):
             raise OnnxlwError(
-                f"act_bits={self.act_bits} is not supported yet",
-                "use --act-bits 8 (onnxruntime fuses only 8-bit activations)",
+                f"rounding={self.rounding!r} is unknown", "use 'auto', 'gptq' or 'nearest'"
             )
+        if self.size_budget is not None:
+            if not 0 < self.size_budget < 1:
+                raise OnnxlwError(
+                    f"size_budget={self.size_budget} is not a fraction of the input file",
+                    "use a fraction between 0 and 1, e.g. --size-budget 0.15",
+                )
+            if not self.quantize:
+                raise OnnxlwError(
+                    "size_budget needs quantization", "drop --no-quantize or --size-budget"
+                )
         if self.samples is not None and self.samples < 2:
             raise OnnxlwError(f"samples={self.samples} is too small", "use 2 or more samples")
         if self.input_range is not None and not (
@@ -181,6 +213,8 @@ class Config:
                 v = {name: list(dims) for name, dims in v}
             elif f.name in ("input_range", "exclude") and v is not None:
                 v = list(v)
+            elif f.name == "layer_bits":
+                v = [[pat, b] for pat, b in v]
             out[f.name] = v
         return out
 
@@ -203,9 +237,23 @@ class Config:
                 kw[f.name] = tuple((k, tuple(x)) for k, x in v.items())
             elif f.name in ("input_range", "exclude") and v is not None:
                 kw[f.name] = tuple(v)
+            elif f.name == "layer_bits":
+                kw[f.name] = tuple((str(pat), int(b)) for pat, b in v)
             elif isinstance(getattr(cls, f.name, None), enum.Enum):
                 kw[f.name] = type(getattr(cls, f.name))(v)
         return cls(**kw)
+
+    def bits_for(self, names: tuple[str, ...]) -> int:
+        """Weight bits of a layer known by ``names`` (node name, weight name, op type): the
+        first ``layer_bits`` pattern matching any of them, else ``weight_bits``."""
+        for pat, b in self.layer_bits:
+            if any(fnmatch.fnmatchcase(n, pat) for n in names):
+                return b
+        return self.weight_bits
+
+    def uses_gptq(self, bits: int) -> bool:
+        """Whether weights at ``bits`` are rounded by GPTQ under ``rounding``."""
+        return self.rounding == "gptq" or (self.rounding == "auto" and bits < 8)
 
     def input_shape_map(self) -> dict[str, tuple[int, ...]]:
         """The ``input_shapes`` pins as a dict."""

@@ -8,16 +8,19 @@ they are gathered first; quantization alone streams them through the executor.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from .analyze import Analysis
 from .config import Config, parse_prune
+from .errors import OnnxlwError
 from .io import LoadedModel
 from .plan import Plan
 from .problems import StatsCollector
 from .schedule import make_executor, solve_all
-from .solve.allocate import allocate, sensitivity
+from .solve.allocate import allocate, allocate_bits, sensitivity
 from .solve.problem import LayerProblem, LayerSolution, QuantSpec
 from .solve.prune import PruneSpec, prune_layer
 from .solve.weights import solve_weights
@@ -47,8 +50,12 @@ def solve(
     config: Config,
     executor: Executor | None = None,
     bn_found: bool = True,
+    measure: Callable[[Plan], int] | None = None,
 ) -> Plan:
-    """Activation encodings (when quantizing), then every layer's solution."""
+    """Activation encodings (when quantizing), then every layer's solution.
+
+    ``measure``: the output file's bytes for a plan (emit and storage stages), needed by
+    ``size_budget``."""
     fmt = "qdq" if config.quantize else "dense"
     plan = Plan(format=fmt, meta={"input_sha256": loaded.sha256, "options": config.to_dict()})
     if config.quantize:
@@ -62,14 +69,22 @@ def solve(
     own = executor is None
     pool = make_executor(config.executor, config.workers) if own else executor
     in_flight = config.workers if own else 2
+    damping = KEPT_BN_DAMPING if bn_found else FALLBACK_DAMPING
+    specs = layer_specs(analysis, config, qspec, damping)
     try:
-        if config.prune is None or parse_prune(config.prune).kind == "channels":
-            solver = functools.partial(solve_weights, spec=qspec)
-            plan.layers = solve_all(collector.problems(), solver, pool, in_flight=in_flight)
+        if config.size_budget is not None:
+            if measure is None:
+                raise ValueError("size_budget needs measure")
+            plan.layers = _mixed_all(
+                analysis, collector, config, specs, pool, in_flight, plan, measure,
+                loaded.model.ByteSize(),
+            )
+        elif config.prune is None or parse_prune(config.prune).kind == "channels":
+            jobs = ((i, (p, specs[i])) for i, p in collector.problems())
+            plan.layers = solve_all(jobs, _quant_job, pool, in_flight=in_flight)
         else:
-            damping = KEPT_BN_DAMPING if bn_found else FALLBACK_DAMPING
             plan.layers = _prune_all(
-                analysis, collector, config, qspec, pool, in_flight, damping
+                analysis, collector, config, specs, pool, in_flight, damping
             )
     finally:
         collector.close()
@@ -79,11 +94,127 @@ def solve(
     return plan
 
 
+def layer_specs(
+    analysis: Analysis, config: Config, base: QuantSpec, damping: float
+) -> dict[int, QuantSpec]:
+    """Each active layer's weight spec: its bits (``layer_bits`` overrides ``weight_bits``)
+    and its rounding (GPTQ with ``damping``, or nearest)."""
+    out = {}
+    for r in analysis.active_layers:
+        bits = config.bits_for((r.node, r.weight, r.op_type))
+        out[r.index] = dataclasses.replace(
+            base,
+            bits=bits,
+            rounding="gptq" if config.uses_gptq(bits) else "nearest",
+            damping=damping,
+        )
+    return out
+
+
+BIT_CHOICES = (2, 3, 4, 5, 6, 8)
+"""Weight widths the size-budget allocation picks from."""
+BUDGET_ROUNDS = 6
+"""Allocate → solve → emit → measure rounds before giving up on a budget."""
+
+
+def _mixed_all(
+    analysis: Analysis,
+    collector: StatsCollector,
+    config: Config,
+    specs: dict[int, QuantSpec],
+    pool: Executor,
+    in_flight: int,
+    plan: Plan,
+    measure: Callable[[Plan], int],
+    size_in: int,
+) -> dict[int, LayerSolution]:
+    """Mixed precision under ``config.size_budget`` (a fraction of the input file's bytes).
+
+    Each layer's relative output error at every width of ``BIT_CHOICES`` is measured on its
+    synthesized input statistics (round-to-nearest with the output-MSE scales, 10^(-SQNR/10));
+    :func:`allocate_bits` picks the widths for a byte budget of the packed weights; the layers
+    are then solved at their widths (GPTQ below 8 bits), the model is emitted and its bytes
+    measured. While it is over the budget, the weight budget shrinks by the excess and the
+    allocation runs again. Layers with a ``layer_bits`` override keep their width.
+    """
+    problems = dict(collector.problems())
+    recs = {r.index: r for r in analysis.active_layers}
+    fixed = {
+        i for i in problems if config.layer_bits and any(
+            fnmatch.fnmatchcase(n, pat)
+            for pat, _ in config.layer_bits
+            for n in (recs[i].node, recs[i].weight, recs[i].op_type)
+        )
+    }
+    errors: dict[int, dict[int, float]] = {i: {} for i in problems}
+    costs: dict[int, dict[int, float]] = {}
+    for i, p in problems.items():
+        n = int(p.weight.size)
+        widths = (specs[i].bits,) if i in fixed else BIT_CHOICES
+        costs[i] = {b: float(-(-n * b // 8)) for b in widths}
+    for b in BIT_CHOICES:
+        todo = [i for i in problems if b in costs[i]]
+        jobs = ((i, (problems[i], dataclasses.replace(specs[i], bits=b, rounding="nearest")))
+                for i in todo)
+        for i, sol in solve_all(jobs, _quant_job, pool, in_flight=in_flight).items():
+            errors[i][b] = 10 ** (-sol.stats["sqnr_db"] / 10)
+    target = config.size_budget * size_in  # type: ignore[operator]
+    solved: dict[tuple[int, int], LayerSolution] = {}
+
+    def solve_at(choice: dict[int, int]) -> dict[int, LayerSolution]:
+        need = [i for i in problems if (i, choice[i]) not in solved]
+        jobs = ((i, (problems[i], _spec_at(config, specs[i], choice[i]))) for i in need)
+        for i, sol in solve_all(jobs, _quant_job, pool, in_flight=in_flight).items():
+            solved[(i, choice[i])] = sol
+        return {i: solved[(i, choice[i])] for i in sorted(problems)}
+
+    # First guess of the bytes that are not weights: the 8-bit model's size minus its weights.
+    eight = solve_at({i: 8 if 8 in costs[i] else specs[i].bits for i in problems})
+    plan.layers = eight
+    weights8 = sum(costs[i].get(8, min(costs[i].values())) for i in problems)
+    nonweight = measure(plan) - weights8
+    budget = target - nonweight
+    history = []
+    for _ in range(BUDGET_ROUNDS):
+        choice = allocate_bits(errors, costs, budget)
+        if choice is None:
+            break
+        plan.layers = solve_at(choice)
+        size = measure(plan)
+        history.append({"weight_budget": budget, "bytes": size})
+        if size <= target:
+            plan.meta["size_budget"] = {
+                "target_bytes": int(target), "bytes": int(size), "rounds": history,
+                "predicted_error": float(sum(errors[i][choice[i]] for i in choice)),
+            }
+            return plan.layers
+        budget -= (size - target) * 1.02 + 64
+    floor = nonweight + sum(min(c.values()) for c in costs.values())
+    raise OnnxlwError(
+        f"--size-budget {config.size_budget:g} ({target / 1e6:.2f} MB) cannot be met: the "
+        f"smallest file this model reaches is about {floor / 1e6:.2f} MB "
+        f"({floor / size_in:.3f} of the input; {nonweight / 1e6:.2f} MB are not weights)",
+        "raise --size-budget",
+    )
+
+
+def _spec_at(config: Config, spec: QuantSpec, bits: int) -> QuantSpec:
+    return dataclasses.replace(
+        spec, bits=bits, rounding="gptq" if config.uses_gptq(bits) else "nearest"
+    )
+
+
+def _quant_job(args: tuple[LayerProblem, QuantSpec]) -> LayerSolution:
+    """Quantize one layer (module-level, so a process pool can run it)."""
+    problem, spec = args
+    return solve_weights(problem, spec)
+
+
 def _prune_all(
     analysis: Analysis,
     collector: StatsCollector,
     config: Config,
-    qspec: QuantSpec,
+    qspecs: dict[int, QuantSpec],
     pool: Executor,
     in_flight: int,
     damping: float,
@@ -118,7 +249,7 @@ def _prune_all(
             sizes = {i: int(problems[i].weight.size) for i in problems}
             levels = allocate(curves, sizes, target.sparsity)
         specs = {i: dataclasses.replace(base, sparsity=levels[i]) for i in problems}
-    jobs = ((i, (problems[i], specs[i], orders[i], qspec if config.quantize else None))
+    jobs = ((i, (problems[i], specs[i], orders[i], qspecs[i] if config.quantize else None))
             for i in sorted(problems, key=lambda i: (-problems[i].weight.size, i)))
     return solve_all(jobs, _prune_job, pool, in_flight=in_flight)
 
@@ -132,7 +263,10 @@ def _prune_job(
     pruned = prune_layer(problem, spec, order)  # type: ignore[arg-type]
     if qspec is None:
         return pruned
-    q = solve_weights(dataclasses.replace(problem, weight=pruned.weight, bias=pruned.bias), qspec)
+    q = solve_weights(
+        dataclasses.replace(problem, weight=pruned.weight, bias=pruned.bias),
+        dataclasses.replace(qspec, keep_zeros=True),
+    )
     stats = {**q.stats, **{f"prune_{k}": v for k, v in pruned.stats.items()}}
     stats["sparsity"] = float((q.weight == 0).mean())
     return LayerSolution(q.weight, q.bias, q.encoding, stats)

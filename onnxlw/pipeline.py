@@ -22,6 +22,7 @@ from .channels import prune_channels
 from .config import Config, parse_prune
 from .emit import EMITTERS
 from .emit.compact import compact_sparse
+from .emit.packed import pack_lowbit
 from .errors import InternalError, OnnxlwError
 from .graph import GraphView
 from .inputspec import InputSpec
@@ -37,6 +38,8 @@ from .targets.ort_cpu import TUNED_FOR
 from .validate import validate
 
 Progress = Callable[[str], None]
+METADATA_RESERVE = 4096
+"""Bytes a size budget keeps for the metadata written after validation."""
 LATENCY_RUNS = 20
 """Batch-1 runs timed for the report when pruning (speed is part of what pruning promises)."""
 
@@ -94,7 +97,9 @@ def compress(
         collector = stage("synthesize", _collect, canon, analysis, loaded, config)
         info = collector.info
         the_plan = stage(
-            "solve", solve, analysis, collector, loaded, config, executor, canon.bn_found
+            "solve", solve, analysis, collector, loaded, config, executor, canon.bn_found,
+            lambda p: _stored(EMITTERS[p.format](canon, analysis, p), config, p)[0].ByteSize()
+            + METADATA_RESERVE,
         )
         the_plan.meta["fallback"] = info.fallback
     else:
@@ -103,9 +108,10 @@ def compress(
             {r.index: r.node for r in analysis.active_layers}, loaded.sha256
         )
     out = stage("emit", EMITTERS[the_plan.format], canon, analysis, the_plan)
+    packed: list = []
     forms: list = []
-    if config.prune is not None and config.sparse_format == "compact":
-        out, forms = stage("compact", compact_sparse, out)
+    if the_plan.min_weight_bits() < 8 or config.prune is not None:
+        out, packed, forms = stage("store", _stored, out, config, the_plan)
     check_model(out, "emit")
     release_memory()
     validation = stage(
@@ -122,6 +128,7 @@ def compress(
     report.wall_time = round(time.perf_counter() - t0, 3)
     report.plan = the_plan
     report.sparse_storage = _storage(forms)
+    report.packed = _packed(packed)
     if config.prune is not None:  # what a pruned file really weighs once zipped
         report.size_zipped_before = len(zlib.compress(loaded.model.SerializeToString(), 6))
         report.size_zipped_after = len(zlib.compress(out.SerializeToString(), 6))
@@ -133,6 +140,34 @@ def compress(
             "or lower --fail-under",
         )
     return out, report
+
+
+def _stored(
+    out: onnx.ModelProto, config: Config, plan: Plan
+) -> tuple[onnx.ModelProto, list, list]:
+    """The emitted model with its weights in their stored form: weights below 8 bits packed,
+    pruned weights compact. Returns the model, what was packed and the compact forms."""
+    packed: list = []
+    if config.pack_weights and plan.min_weight_bits() < 8:
+        out, packed = pack_lowbit(out)
+    forms: list = []
+    if config.prune is not None and config.sparse_format == "compact":
+        out, forms = compact_sparse(out)
+    return out, packed, forms
+
+
+def _packed(packed: list) -> dict[str, Any]:
+    """Low-bit weights stored packed: tensors per bit width and bytes before/after."""
+    if not packed:
+        return {}
+    by_bits: dict[int, int] = {}
+    for p in packed:
+        by_bits[p.bits] = by_bits.get(p.bits, 0) + 1
+    return {
+        "tensors": {str(b): n for b, n in sorted(by_bits.items())},
+        "dense_bytes": sum(p.dense_bytes for p in packed),
+        "bytes": sum(p.bytes for p in packed),
+    }
 
 
 def _storage(forms: list) -> dict[str, Any]:

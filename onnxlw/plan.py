@@ -40,6 +40,12 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict)
     """input_sha256, options: what the plan was solved for."""
 
+    def min_weight_bits(self) -> int:
+        """Fewest weight bits of any quantized layer (8 when none is quantized)."""
+        bits = [s.encoding.bits for s in self.layers.values()
+                if isinstance(s.encoding, QuantEncoding)]
+        return min(bits, default=8)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan to ``path`` (.npz), atomically."""
         arrays: dict[str, np.ndarray] = {}

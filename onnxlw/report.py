@@ -73,6 +73,10 @@ class Report:
     size_zipped_after: int = 0
     sparse_storage: dict[str, Any] = field(default_factory=dict)
     """Pruned weights' storage: tensors per form (dense/bitmask/sparse) and bytes."""
+    packed: dict[str, Any] = field(default_factory=dict)
+    """Low-bit weights stored packed: tensors per bit width and bytes before/after."""
+    size_budget: dict[str, Any] = field(default_factory=dict)
+    """Mixed precision: target and measured bytes, allocation rounds, predicted error."""
     plan: Any = field(default=None, repr=False, compare=False)
     """The solved :class:`~onnxlw.plan.Plan` (not part of the JSON)."""
 
@@ -143,6 +147,29 @@ class Report:
                 lines.append(
                     f"sparse storage   : {forms}; those tensors {_mb(st['dense_bytes'])} -> "
                     f"{_mb(st['stored_bytes'])}"
+                )
+        bits = [int(r.stats["bits"]) for r in done if "bits" in r.stats]
+        if bits and min(bits) < 8 or self.config.get("act_bits", 8) < 8:
+            hist = ", ".join(
+                f"{bits.count(b)} at {b}" for b in sorted(set(bits), reverse=True)
+            )
+            total = sum(r.params for r in done if "bits" in r.stats)
+            mean = sum(r.params * r.stats["bits"] for r in done if "bits" in r.stats)
+            lines.append(
+                f"weight bits      : {hist} (mean {mean / max(total, 1):.2f} bits per weight); "
+                f"activations {self.config.get('act_bits', 8)} bits"
+            )
+            sb = self.size_budget
+            if sb:
+                lines.append(
+                    f"size budget      : {self.size_after:,} bytes written, target "
+                    f"{sb['target_bytes']:,} ({len(sb['rounds'])} allocation round(s))"
+                )
+            pk = self.packed
+            if pk:
+                lines.append(
+                    f"packed storage   : {sum(pk['tensors'].values())} tensors; "
+                    f"{_mb(pk['dense_bytes'])} as int8 -> {_mb(pk['bytes'])} packed"
                 )
         fixes = sum(r.saturation_fixes or 0 for r in self.layers)
         bfix = sum(r.bias_scale_fixes or 0 for r in self.layers)
@@ -273,4 +300,5 @@ def make_report(
         inputs=spec.to_dict(),
         synthesis={"mode": info.mode, "segments": info.segments} if info else {"plan": "loaded"},
         onnxruntime_version=onnxruntime.__version__,
+        size_budget=dict(plan.meta.get("size_budget", {})),
     )

@@ -139,11 +139,11 @@ def test_synthetic_inputs_stay_in_declared_range() -> None:
     assert abs(float(x.mean())) < 0.05 and 0.8 < float(x.std()) < 1.2
 
 
-def test_weight_bits_below_8_refused(tmp_path: Path, capsys) -> None:
+def test_weight_bits_out_of_range_refused(tmp_path: Path, capsys) -> None:
     rc = main(["compress", str(REPO / "models/digits_cnn.onnx"), "-o", str(tmp_path / "q.onnx"),
-               "--weight-bits", "4"])
+               "--weight-bits", "1"])
     assert rc == 2 and not (tmp_path / "q.onnx").exists()
-    assert "weight_bits=4 is not supported yet" in capsys.readouterr().err
+    assert "weight_bits=1 is out of range" in capsys.readouterr().err
 
 
 def test_internal_error_has_its_own_exit_code(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import NameAllocator
+from .packed import slice_members
 
 MIN_ELEMENTS = 256
 """Smaller tensors stay dense."""
@@ -186,17 +187,5 @@ def _expansion(
     ]
     for node in nodes:
         node.name = alloc.fresh(f"onnxlw_sparse__{node.op_type}")
-    for (name, a), s in zip(members, starts, strict=True):
-        k = {x: alloc.fresh(f"{name}__{x}") for x in ("s", "e", "shape", "flat")}
-        inits += [
-            numpy_helper.from_array(np.array([s], np.int64), k["s"]),
-            numpy_helper.from_array(np.array([s + a.size], np.int64), k["e"]),
-            numpy_helper.from_array(np.array(a.shape, np.int64), k["shape"]),
-        ]
-        nodes += [
-            helper.make_node("Slice", [t["all"], k["s"], k["e"]], [k["flat"]],
-                             name=alloc.fresh(f"{name}__slice")),
-            helper.make_node("Reshape", [k["flat"], k["shape"]], [name],
-                             name=alloc.fresh(f"{name}__reshape")),
-        ]
-    return inits, nodes
+    si, sn = slice_members(members, starts, t["all"], alloc)
+    return inits + si, nodes + sn

@@ -6,6 +6,10 @@ int32 bias whose scale is the input scale times the weight scale. Every quantize
 ``DQ(x)``, ``DQ(w)``, ``DQ(b)`` and feeds one ``Q``, so onnxruntime rewrites it as
 QLinearConv. A Relu/Clip(0, hi) after a layer is absorbed into that Q when the Q's range lies
 within the clip.
+
+Below 8 bits: weights are int8 tensors whose levels lie in [-(2**(b-1) - 1), 2**(b-1) - 1]
+(the pack stage stores them in b bits); activations keep uint8 Q/DQ with a uint8 Clip to
+[0, 2**b - 1] between them, which onnxruntime runs between its fused integer kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ..io import default_opset
 from ..passes import Canonical
 from ..plan import Plan
 from ..solve.problem import QuantEncoding
-from ..targets.ort_cpu import ACT_DTYPE, BIAS_DTYPE, INT32_MAX, weight_dtype
+from ..targets.ort_cpu import ACT_DTYPE, BIAS_DTYPE, INT32_MAX, act_levels, weight_dtype
 
 
 def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
@@ -58,13 +62,28 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
                 [q_out],
                 name=alloc.fresh(f"{name}_QuantizeLinear"),
             ),
+        ]
+        if r.bits < 8:  # b-bit grid: the uint8 levels clipped to [0, 2**b - 1]
+            lo_n, hi_n = alloc.fresh(f"{name}_level_min"), alloc.fresh(f"{name}_level_max")
+            inits += [
+                numpy_helper.from_array(np.array(0, ACT_DTYPE), lo_n),
+                numpy_helper.from_array(np.array(act_levels(r.bits), ACT_DTYPE), hi_n),
+            ]
+            q_clip = alloc.fresh(f"{name}_quantized_{r.bits}bit")
+            nodes.append(
+                helper.make_node(
+                    "Clip", [q_out, lo_n, hi_n], [q_clip], name=alloc.fresh(f"{name}_Clip")
+                )
+            )
+            q_out = q_clip
+        nodes.append(
             helper.make_node(
                 "DequantizeLinear",
                 [q_out, s_name, z_name],
                 [dq_out],
                 name=alloc.fresh(f"{name}_DequantizeLinear"),
-            ),
-        ]
+            )
+        )
         if src in view.graph_inputs:
             head += nodes
         else:

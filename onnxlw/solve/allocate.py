@@ -90,3 +90,59 @@ def _exact(choice: dict[int, float], sizes: dict[int, int], target: float) -> di
     out = dict(choice)
     out[big] = max(0.0, choice[big] - excess * total / sizes[big])
     return out
+
+
+def allocate_bits(
+    errors: dict[int, dict[int, float]], costs: dict[int, dict[int, float]], budget: float
+) -> dict[int, int] | None:
+    """Per-layer bit widths with the least summed error whose summed cost fits ``budget``
+    (a multiple-choice knapsack, solved by its Lagrangian relaxation and a greedy fill).
+
+    ``errors[i][b]``: layer i's predicted relative output error at b bits; ``costs[i][b]``:
+    its stored bytes. Each layer takes the width minimizing error + λ · cost for a common
+    price λ (bisection: the smallest λ that fits); the bytes left over then upgrade the
+    layers with the best error saved per extra byte. None when even the cheapest widths do
+    not fit.
+    """
+    layers = sorted(errors)
+
+    def pick(lam: float) -> dict[int, int]:
+        return {
+            i: min(errors[i], key=lambda b: (errors[i][b] + lam * costs[i][b], -b))
+            for i in layers
+        }
+
+    def cost(choice: dict[int, int]) -> float:
+        return sum(costs[i][choice[i]] for i in layers)
+
+    cheapest = {i: min(costs[i], key=lambda b: (costs[i][b], b)) for i in layers}
+    if cost(cheapest) > budget:
+        return None
+    lo, hi = 0.0, 1.0
+    while cost(pick(hi)) > budget and hi < 1e30:
+        hi *= 4
+    if cost(pick(hi)) > budget:
+        choice = cheapest
+    else:
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if cost(pick(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        choice = pick(hi)
+    spare = budget - cost(choice)
+    while True:  # greedy fill: best error saved per extra byte that still fits
+        best, best_gain = None, 0.0
+        for i in layers:
+            b0 = choice[i]
+            for b in errors[i]:
+                extra = costs[i][b] - costs[i][b0]
+                saved = errors[i][b0] - errors[i][b]
+                if 0 < extra <= spare and saved > 0 and saved / extra > best_gain:
+                    best, best_gain = (i, b), saved / extra
+        if best is None:
+            return choice
+        i, b = best
+        spare -= costs[i][b] - costs[i][choice[i]]
+        choice[i] = b

@@ -44,6 +44,9 @@ class QuantSpec:
     exact: int = 4  # best screened candidates per channel ranked with the full H
     pair_limit: int = 128  # max |q_a + q_b| over a same-sign pair: 255 * 128 < 2**15
     bias_bits: int = 32  # the quantized bias's width; its scale is x_scale * w_scale
+    rounding: str = "nearest"  # or "gptq": Hessian-aware rounding for the chosen scales
+    damping: float = 0.01  # GPTQ's load on diag(H), relative to its mean
+    keep_zeros: bool = False  # zero weights stay zero (pruned): GPTQ compensates, not refills
 
     @property
     def qmax(self) -> int:

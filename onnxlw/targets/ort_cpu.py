@@ -48,10 +48,21 @@ INT32_MAX = 2**31 - 1
 
 
 def weight_dtype(bits: int, opset: int) -> type:
-    """numpy dtype of quantized weights at ``bits``; below 8 bits int4 needs opset 21."""
-    if bits == 8:
+    """numpy dtype of quantized weights in the QDQ graph at ``bits`` (2-8): int8. Below 8 bits
+    the levels use a sub-range of int8 and the pack stage stores them in ``bits`` bits each:
+    onnxruntime's QLinearConv takes int8 weights only (an int4 DequantizeLinear before a Conv
+    is not fused: measured, it runs the float Conv), while a packed tensor expanded to int8 at
+    session start is constant-folded and fused."""
+    if 2 <= bits <= 8:
         return np.int8
-    raise ValueError(f"{bits}-bit weights are not supported by this target yet (opset {opset})")
+    raise ValueError(f"{bits}-bit weights are not supported by this target (opset {opset})")
+
+
+def act_levels(bits: int) -> int:
+    """Largest uint8 level of a ``bits``-bit activation grid (255 at 8 bits). Below 8 bits the
+    emitter clips the uint8 levels to it with a uint8 Clip between Q and DQ: onnxruntime still
+    fuses the Convs on both sides into QLinearConv (measured), which no uint4 Q/DQ allows."""
+    return 2**bits - 1
 
 
 @dataclass

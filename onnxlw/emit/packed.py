@@ -1,0 +1,168 @@
+"""Store low-bit integer weights in b bits each, expanded to int8 at session start.
+
+A weight quantized to b < 8 bits is an int8 tensor in the QDQ graph (onnxruntime's
+QLinearConv takes int8 weights; an int4 DequantizeLinear before a Conv is not fused). Stored
+as int8 it weighs as much as an 8-bit one. This stage rewrites every int8 initializer read by
+a DequantizeLinear whose levels fit in b < 8 bits (offset binary: v + 2**(b-1) in
+[0, 2**b - 1]) as packed bits plus a constant subgraph that rebuilds it:
+
+    bytes → Cast(int32) → Div/Mod (bits) → Reshape (n, b) → Mul (place values) → ReduceSum
+          → Sub (offset) → Cast(int8) → Slice (per tensor) → Reshape
+
+All tensors of one bit width share one expansion (each is a Slice → Reshape of it).
+onnxruntime constant-folds the subgraph at session start, so the DequantizeLinear reads an
+int8 initializer again and the Conv still fuses into QLinearConv (tested). The levels are
+lossless; only tensors that really fit in fewer bits are packed (an 8-bit layer whose levels
+happen to fit in 7 bits is packed too). Opset-13 ops only, so the model's opset is kept.
+
+Hand-written because no library writes this form (onnx's int4 type needs opset 21 and is not
+fused by onnxruntime's CPU kernels before a Conv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..graph import NameAllocator
+
+MIN_ELEMENTS = 64
+"""Smaller tensors stay int8."""
+GROUP_ELEMENTS = 1 << 22
+"""At most this many weights share one expansion (its int32 temporaries are 4 B per bit)."""
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One packed initializer: its bits per weight and bytes before/after (the share of the
+    expansion subgraph not counted)."""
+
+    name: str
+    bits: int
+    dense_bytes: int
+    bytes: int
+
+
+def level_bits(a: np.ndarray) -> int:
+    """Fewest bits (2-8) whose offset-binary range [-2**(b-1), 2**(b-1) - 1] holds ``a``."""
+    lo, hi = int(a.min(initial=0)), int(a.max(initial=0))
+    for b in range(2, 8):
+        if -(2 ** (b - 1)) <= lo and hi <= 2 ** (b - 1) - 1:
+            return b
+    return 8
+
+
+def pack_lowbit(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Packed]]:
+    """A copy of ``model`` with each int8 DequantizeLinear weight that fits in fewer than 8
+    bits stored packed. Returns the model and what was packed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    dq_inputs = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    alloc = NameAllocator(out)
+    keep: list[onnx.TensorProto] = []
+    groups: dict[int, list[list[tuple[str, np.ndarray]]]] = {}
+    packed: list[Packed] = []
+    for t in g.initializer:
+        if t.data_type != TensorProto.INT8 or t.name not in dq_inputs:
+            keep.append(t)
+            continue
+        a = numpy_helper.to_array(t)
+        b = level_bits(a)
+        if a.size < MIN_ELEMENTS or b >= 8:
+            keep.append(t)
+            continue
+        chunks = groups.setdefault(b, [[]])
+        if chunks[-1] and sum(x.size for _, x in chunks[-1]) + a.size > GROUP_ELEMENTS:
+            chunks.append([])
+        chunks[-1].append((t.name, a))
+        packed.append(Packed(t.name, b, t.ByteSize(), -(-a.size * b // 8)))
+    head: list[onnx.NodeProto] = []
+    for b in sorted(groups):
+        for members in groups[b]:
+            inits, nodes = _expansion(members, b, alloc)
+            keep += inits
+            head += nodes
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes_all = head + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes_all)
+    return out, packed
+
+
+def slice_members(
+    members: list[tuple[str, np.ndarray]], starts: list[int], source: str, alloc: NameAllocator
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Initializers and nodes that cut each ``(name, array)`` of ``members`` out of the flat
+    tensor ``source`` (at ``starts``) and give it its shape under its own name."""
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    for (name, a), s in zip(members, starts, strict=True):
+        k = {x: alloc.fresh(f"{name}__{x}") for x in ("s", "e", "shape", "flat")}
+        inits += [
+            numpy_helper.from_array(np.array([s], np.int64), k["s"]),
+            numpy_helper.from_array(np.array([s + a.size], np.int64), k["e"]),
+            numpy_helper.from_array(np.array(a.shape, np.int64), k["shape"]),
+        ]
+        nodes += [
+            helper.make_node("Slice", [source, k["s"], k["e"]], [k["flat"]],
+                             name=alloc.fresh(f"{name}__slice")),
+            helper.make_node("Reshape", [k["flat"], k["shape"]], [name],
+                             name=alloc.fresh(f"{name}__reshape")),
+        ]
+    return inits, nodes
+
+
+def _expansion(
+    members: list[tuple[str, np.ndarray]], b: int, alloc: NameAllocator
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Packed bits of every member (int8 levels fitting in ``b`` bits, concatenated) and the
+    nodes that rebuild each one."""
+    flat = np.concatenate([a.ravel().astype(np.int32) for _, a in members])
+    starts = list(np.cumsum([0] + [a.size for _, a in members[:-1]]).astype(int))
+    n = flat.size
+    u = (flat + 2 ** (b - 1)).astype(np.uint32)
+    bitmat = (u[:, None] >> np.arange(b - 1, -1, -1, dtype=np.uint32)) & 1  # (n, b), MSB first
+    data = np.packbits(bitmat.astype(bool).ravel())  # zero bits pad the last byte
+
+    def nm(base: str) -> str:
+        return alloc.fresh(f"onnxlw_w{b}__{base}")
+
+    c = {k: nm(k) for k in ("bytes", "col", "pow", "two", "flat", "zero", "nbits", "nb",
+                            "place", "axis", "offset")}
+    inits = [
+        numpy_helper.from_array(data, c["bytes"]),
+        numpy_helper.from_array(np.array([-1, 1], np.int64), c["col"]),
+        numpy_helper.from_array(np.array([128, 64, 32, 16, 8, 4, 2, 1], np.int32), c["pow"]),
+        numpy_helper.from_array(np.array([2], np.int32), c["two"]),
+        numpy_helper.from_array(np.array([-1], np.int64), c["flat"]),
+        numpy_helper.from_array(np.array([0], np.int64), c["zero"]),
+        numpy_helper.from_array(np.array([n * b], np.int64), c["nbits"]),
+        numpy_helper.from_array(np.array([n, b], np.int64), c["nb"]),
+        numpy_helper.from_array(2 ** np.arange(b - 1, -1, -1, dtype=np.int32), c["place"]),
+        numpy_helper.from_array(np.array([1], np.int64), c["axis"]),
+        numpy_helper.from_array(np.array(2 ** (b - 1), np.int32), c["offset"]),
+    ]
+    t = {k: nm(k) for k in ("i32", "col32", "shifted", "bit", "bits", "used", "mat", "weighted",
+                            "u", "v", "levels")}
+    nodes = [
+        helper.make_node("Cast", [c["bytes"]], [t["i32"]], to=TensorProto.INT32),
+        helper.make_node("Reshape", [t["i32"], c["col"]], [t["col32"]]),
+        helper.make_node("Div", [t["col32"], c["pow"]], [t["shifted"]]),
+        helper.make_node("Mod", [t["shifted"], c["two"]], [t["bit"]]),
+        helper.make_node("Reshape", [t["bit"], c["flat"]], [t["bits"]]),
+        helper.make_node("Slice", [t["bits"], c["zero"], c["nbits"]], [t["used"]]),
+        helper.make_node("Reshape", [t["used"], c["nb"]], [t["mat"]]),
+        helper.make_node("Mul", [t["mat"], c["place"]], [t["weighted"]]),
+        helper.make_node("ReduceSum", [t["weighted"], c["axis"]], [t["u"]], keepdims=0),
+        helper.make_node("Sub", [t["u"], c["offset"]], [t["v"]]),
+        helper.make_node("Cast", [t["v"]], [t["levels"]], to=TensorProto.INT8),
+    ]
+    for node in nodes:
+        node.name = alloc.fresh(f"onnxlw_w{b}__{node.op_type}")
+    si, sn = slice_members(members, starts, t["levels"], alloc)
+    return inits + si, nodes + sn
