@@ -141,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         "nearest, or auto (gptq below 8 bits)",
     )
     c.add_argument(
+        "--network-aware",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="solve each layer again on the input the compressed network produces (the "
+        "layers before it already compressed), in topological order; auto: with unstructured "
+        "or N:M pruning (measured to pay there, and worse for quantization alone)",
+    )
+    c.add_argument(
         "--no-pack",
         action="store_true",
         help="store weights below 8 bits as plain int8 (as large as 8-bit weights)",
@@ -309,6 +317,7 @@ def _config(a: argparse.Namespace) -> Config:
         size_budget=a.size_budget,
         rounding=a.rounding,
         pack_weights=not a.no_pack,
+        network_aware=a.network_aware,
     )
 
 

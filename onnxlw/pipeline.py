@@ -27,13 +27,14 @@ from .errors import InternalError, OnnxlwError
 from .graph import GraphView
 from .inputspec import InputSpec
 from .io import LoadedModel, load
-from .method import only_channels, solve
+from .method import only_channels, refine, solve
 from .ortutil import release_memory
 from .passes import Canonical, canonicalize
 from .plan import Plan
 from .problems import StatsCollector
 from .report import make_report
 from .synth import SynthesisInfo, synthesize
+from .synth.twin import unsupported as twin_unsupported
 from .targets.ort_cpu import TUNED_FOR
 from .validate import validate
 
@@ -102,6 +103,14 @@ def compress(
             + METADATA_RESERVE,
         )
         the_plan.meta["fallback"] = info.fallback
+        if config.refines:
+            why = twin_unsupported(loaded.inputs, config)
+            if why is None:
+                the_plan = stage(
+                    "refine", refine, canon, analysis, loaded, config, the_plan, executor
+                )
+            else:
+                the_plan.meta["network_aware"] = f"not run: {why}"
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         the_plan.check_matches(

@@ -39,6 +39,9 @@ class Plan:
     format: str = "qdq"
     meta: dict[str, Any] = field(default_factory=dict)
     """input_sha256, options: what the plan was solved for."""
+    jobs: dict[int, tuple[Any, tuple]] = field(default_factory=dict, repr=False, compare=False)
+    """How each layer was solved: (module-level job function, its arguments after the
+    problem), so a later stage can solve the layer again on another problem. Not saved."""
 
     def min_weight_bits(self) -> int:
         """Fewest weight bits of any quantized layer (8 when none is quantized)."""

@@ -58,6 +58,23 @@ def _widen_rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([x.reshape(-1), draws.reshape(-1)])
 
 
+def sample_columns(rec: LayerRecord, x: np.ndarray, cfg: Config) -> np.ndarray:
+    """The layer's sampled input columns (M, G, K) of its input tensor ``x``; the positions
+    are seeded by ``(seed, 2, layer index)``, so two tensors of one shape (the original and
+    the compressed network's input) are sampled at the same positions."""
+    rng = np.random.default_rng([cfg.seed, 2, rec.index])
+    ad = rec.adapter
+    return ad.columns(rec, x, ad.positions(rec, cfg.max_positions), rng)
+
+
+def layer_matrix(
+    rec: LayerRecord, weight: np.ndarray, bias: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's weight as its grouped matrix (G, O, K) float32 and its bias as (G, O)."""
+    wm = rec.adapter.to_matrix(rec, weight.astype(np.float32))
+    return wm, bias.reshape(wm.shape[0], wm.shape[1]) if bias is not None else None
+
+
 class StatsCollector:
     """Reduces synthesized tensors to activation ranges and layer problems as they arrive."""
 
@@ -165,14 +182,10 @@ class StatsCollector:
 
     def _problem(self, rec: LayerRecord, x: np.ndarray) -> LayerProblem:
         cfg = self.config
-        rng = np.random.default_rng([cfg.seed, 2, rec.index])
-        ad = rec.adapter
-        cols = ad.columns(rec, x, ad.positions(rec, cfg.max_positions), rng)
+        cols = sample_columns(rec, x, cfg)
         act = self.act_for(rec.input)
         xq_mean = fake_quant_mean(cols, act.scale, act.zero_point, cfg.act_bits) if act else None
-        wm = ad.to_matrix(rec, self.weights[rec.index].astype(np.float32))
-        b = self.biases[rec.index]
-        bias = b.reshape(wm.shape[0], wm.shape[1]) if b is not None else None
+        wm, bias = layer_matrix(rec, self.weights[rec.index], self.biases[rec.index])
         pairs = u8s8_pair_order(rec) if cfg.saturation_guard else None
         return LayerProblem.from_samples(
             wm, cols, bias=bias, xq_mean=xq_mean, x_scale=act.scale if act else None,

@@ -75,6 +75,9 @@ class Report:
     """Pruned weights' storage: tensors per form (dense/bitmask/sparse) and bytes."""
     packed: dict[str, Any] = field(default_factory=dict)
     """Low-bit weights stored packed: tensors per bit width and bytes before/after."""
+    network_aware: bool | str | None = None
+    """True when every layer was solved again on the compressed network's input; a string
+    saying why it did not run; None when it was not asked for."""
     size_budget: dict[str, Any] = field(default_factory=dict)
     """Mixed precision: target and measured bytes, allocation rounds, predicted error."""
     plan: Any = field(default=None, repr=False, compare=False)
@@ -171,6 +174,12 @@ class Report:
                     f"packed storage   : {sum(pk['tensors'].values())} tensors; "
                     f"{_mb(pk['dense_bytes'])} as int8 -> {_mb(pk['bytes'])} packed"
                 )
+        if self.network_aware is True:
+            lines.append(
+                "network-aware    : each layer solved again on the compressed network's input"
+            )
+        elif isinstance(self.network_aware, str):
+            lines.append(f"network-aware    : {self.network_aware}")
         fixes = sum(r.saturation_fixes or 0 for r in self.layers)
         bfix = sum(r.bias_scale_fixes or 0 for r in self.layers)
         lines.append(
@@ -301,4 +310,5 @@ def make_report(
         synthesis={"mode": info.mode, "segments": info.segments} if info else {"plan": "loaded"},
         onnxruntime_version=onnxruntime.__version__,
         size_budget=dict(plan.meta.get("size_budget", {})),
+        network_aware=plan.meta.get("network_aware"),
     )

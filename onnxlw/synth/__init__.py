@@ -248,6 +248,7 @@ def build_synthesis_model(
     match: dict[str, object],
     cut: set[str],
     wanted: list[str],
+    batch_stats: set[str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str]]:
     """Derive the synthesis model.
 
@@ -267,7 +268,9 @@ def build_synthesis_model(
     for t, s in match.items():
         if t not in view.producer:
             continue
-        nodes, init, out = _moment_match(t, s, alloc, opset)
+        nodes, init, out, shared = _moment_match(t, s, alloc, opset)
+        if batch_stats is not None:
+            batch_stats.update(shared)
         extra_nodes[t] = nodes
         inits += init
         rename[t] = out
@@ -321,8 +324,9 @@ def _moment_match(
     s,  # noqa: ANN001 - BNStats
     alloc: NameAllocator,
     opset: int,
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str, tuple[str, str]]:
     """Nodes computing B + |scale| * standardize(t) per channel (axis 1) over the batch.
+    Returns the nodes, their constants, the output and the (mean, factor) batch statistics.
 
     Written to hold few full-size temporaries: the centred tensor d, then d * a + B with the
     per-channel factor a = |scale| / std (the variance comes from ReduceSumSquare of d).
@@ -380,4 +384,4 @@ def _moment_match(
         helper.make_node("Add", [da, b3], [y3]),
         helper.make_node("Reshape", [y3, shape_n], [out]),
     ]
-    return nodes, inits, out
+    return nodes, inits, out, (m, a)
