@@ -13,7 +13,9 @@ All tensors of one bit width share one expansion (each is a Slice → Reshape of
 onnxruntime constant-folds the subgraph at session start, so the DequantizeLinear reads an
 int8 initializer again and the Conv still fuses into QLinearConv (tested). The levels are
 lossless; only tensors that really fit in fewer bits are packed (an 8-bit layer whose levels
-happen to fit in 7 bits is packed too). Opset-13 ops only, so the model's opset is kept.
+happen to fit in 7 bits is packed too), and a group only when its serialized bytes, subgraph
+included (about 1.4 kB), are fewer than the int8 tensors'. Opset-13 ops only, so the model's
+opset is kept.
 
 Hand-written because no library writes this form (onnx's int4 type needs opset 21 and is not
 fused by onnxruntime's CPU kernels before a Conv).
@@ -81,9 +83,17 @@ def pack_lowbit(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Packed]]:
         chunks[-1].append((t.name, a))
         packed.append(Packed(t.name, b, t.ByteSize(), -(-a.size * b // 8)))
     head: list[onnx.NodeProto] = []
+    dense = {t.name: t for t in g.initializer}
     for b in sorted(groups):
         for members in groups[b]:
             inits, nodes = _expansion(members, b, alloc)
+            new_bytes = sum(x.ByteSize() for x in inits) + sum(x.ByteSize() for x in nodes)
+            if new_bytes >= sum(dense[name].ByteSize() for name, _ in members):
+                # the shared subgraph costs more than it saves (a few small tensors)
+                keep += [dense[name] for name, _ in members]
+                names = {name for name, _ in members}
+                packed = [p for p in packed if p.name not in names]
+                continue
             keep += inits
             head += nodes
     del g.initializer[:]
