@@ -273,3 +273,26 @@ def test_twin_compressed_branch_equals_the_original_when_nothing_changes() -> No
     run_twin(canon, an, loaded.inputs, CFG, {}, ws, bs, same)
     assert set(seen) == {r.index for r in an.active_layers}
     assert max(seen.values()) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+@pytest.mark.parametrize("kind", ["relu", "gauss", "relu_laplace"])
+def test_low_bit_activation_range_matches_brute_force_fake_quant(bits: int, kind: str) -> None:
+    """The chosen range's real fake-quant MSE is within 2 % of the best range on the same grid
+    found by brute force (before the re-ranking: up to 5.6 % worse at 4 bits after a Relu)."""
+    from onnxlw.solve.ranges import affine_params, choose_range, fake_quant
+
+    rng = np.random.default_rng(bits)
+    v = {"relu": np.maximum(rng.standard_normal(100_000), 0),
+         "gauss": rng.standard_normal(100_000),
+         "relu_laplace": np.maximum(rng.laplace(size=100_000), 0)}[kind].astype(np.float32)
+    relu = kind.startswith("relu")
+    r = choose_range(v, bits=bits, lo_bound=0.0 if relu else None)
+
+    def mse(lo: float, hi: float) -> float:
+        return float(np.mean((fake_quant(v, *affine_params(lo, hi, bits), bits) - v) ** 2))
+
+    fr = np.linspace(0.05, 1.0, 96)
+    los = [0.0] if relu else list(float(v.min()) * fr[::2])
+    best = min(mse(lo, hi) for lo in los for hi in float(v.max()) * fr)
+    assert mse(r.lo, r.hi) <= 1.02 * best

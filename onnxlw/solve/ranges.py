@@ -12,6 +12,10 @@ import numpy as np
 from .problem import ActQuant
 
 BINS = 2048
+EXACT_CANDIDATES = 24
+"""Below 8 bits: best histogram-model candidates re-ranked by the real fake-quant error."""
+EXACT_VALUES = 1 << 16
+"""Values (a strided subsample) the re-ranking evaluates."""
 
 
 def affine_params(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
@@ -83,6 +87,18 @@ def choose_range(
     step = (his - los) / (2**bits - 1)
     err = below + above + np.clip(p0[i_hi] - p0[i_lo], 0, None) * step**2 / 12
     li, hj = np.unravel_index(int(np.argmin(err)), err.shape)
+    best = float(err[li, hj])
+    if bits < 8:
+        # Few levels: the uniform-noise model (step² / 12) misjudges values that sit on a level
+        # (the zeros after a Relu). Re-rank its best candidates by the real fake-quant error.
+        sub = v[:: max(1, v.size // EXACT_VALUES)]
+        best = float("inf")
+        for flat in np.argsort(err, axis=None, kind="stable")[:EXACT_CANDIDATES]:
+            a, b = np.unravel_index(int(flat), err.shape)
+            s, z = affine_params(float(los[a, 0]), float(his[0, b]), bits)
+            e = float(np.mean((fake_quant(sub, s, z, bits) - sub) ** 2, dtype=np.float64))
+            if e < best:
+                best, li, hj = e, a, b
     lo, hi = float(los[li, 0]), float(his[0, hj])
     s, z = affine_params(lo, hi, bits)
-    return ActQuant(lo, hi, s, z, float(err[li, hj]), "mse", bits)
+    return ActQuant(lo, hi, s, z, best, "mse", bits)
