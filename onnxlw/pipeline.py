@@ -36,6 +36,7 @@ from .report import make_report
 from .synth import SynthesisInfo, synthesize
 from .synth.twin import unsupported as twin_unsupported
 from .targets.ort_cpu import TUNED_FOR
+from .targets.probe import require_lowbit
 from .validate import validate
 
 Progress = Callable[[str], None]
@@ -76,6 +77,8 @@ def compress(
         stages[name] = round(time.perf_counter() - t, 3)
         return out
 
+    if config.low_bits:
+        require_lowbit()  # before any work: this onnxruntime must run the low-bit output
     loaded: LoadedModel = stage("load", load, model, config)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
     canon = stage("precondition", precondition, canon, config, loaded.inputs)

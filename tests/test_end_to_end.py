@@ -107,7 +107,8 @@ def test_resnet20_pruned_agreement_on_1000_cifar_images(
     x, y = cifar_1000
     agree = {}
     for method in ("obs", "magnitude"):
-        cfg = Config(seed=0, prune=prune, quantize=quantize, prune_method=method)
+        cfg = Config(seed=0, prune=prune, quantize=quantize, prune_method=method,
+                     network_aware="on" if method == "obs" else "off")
         model, report = compress(src, cfg)
         out = tmp_path / f"{method}.onnx"
         save_atomic(model, out)

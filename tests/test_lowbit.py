@@ -296,3 +296,14 @@ def test_low_bit_activation_range_matches_brute_force_fake_quant(bits: int, kind
     los = [0.0] if relu else list(float(v.min()) * fr[::2])
     best = min(mse(lo, hi) for lo in los for hi in float(v.max()) * fr)
     assert mse(r.lo, r.hi) <= 1.02 * best
+
+
+def test_this_onnxruntime_passes_the_low_bit_probe_and_a_failing_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from onnxlw.targets import probe
+
+    assert probe.lowbit_support() is None
+    monkeypatch.setattr(probe, "lowbit_support", lambda: "it does not fuse (simulated)")
+    with pytest.raises(OnnxlwError, match="does not fuse"):
+        onnxlw.compress(wide(), dataclasses.replace(CFG, weight_bits=4))
