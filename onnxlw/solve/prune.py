@@ -73,9 +73,13 @@ def hessian(p: LayerProblem, centered: bool) -> np.ndarray:
 
 
 def prune_layer(
-    p: LayerProblem, spec: PruneSpec, order: np.ndarray | None = None
+    p: LayerProblem,
+    spec: PruneSpec,
+    order: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> LayerSolution:
-    """Prune one layer. ``order``: permutation of K giving the N:M grouping order.
+    """Prune one layer. ``order``: permutation of K giving the N:M grouping order. ``mask``
+    (G, O, K) bool: keep this mask (chosen before) and only refit the kept weights.
 
     Returns the pruned float weight (G, O, K), the corrected bias (G, O), a
     :class:`SparseEncoding` mask and stats (sparsity, sqnr_db, damping, method).
@@ -85,10 +89,16 @@ def prune_layer(
     h = hessian(p, centered=spec.bias_correction)
     if order is not None:
         w, h = w[..., order], h[:, order][:, :, order]
+        mask = mask[..., order] if mask is not None else None
     method = spec.method
     if method == "obs" and k > MAX_OBS_INPUTS:
         method = "magnitude"
-    if method == "magnitude":
+    if mask is not None:
+        wp = w * mask
+        damping = 0.0
+        if method == "obs" and spec.refit:
+            wp, damping = _ls_refit(w, wp, mask, _damped(h, spec.damping)), spec.damping
+    elif method == "magnitude":
         mask = _magnitude_mask(w, spec)
         wp = w * mask
         damping = 0.0
@@ -155,13 +165,7 @@ def _obs(w: np.ndarray, h: np.ndarray, spec: PruneSpec) -> tuple[np.ndarray, np.
     g, o, k = w.shape
     w0 = w
     w = w.copy()
-    h = h.copy()
-    diag = np.diagonal(h, axis1=1, axis2=2).copy()
-    dead = diag <= 0  # inputs that never vary: their weights do not affect the output
-    idx = np.arange(k)
-    h[:, idx, idx] = np.where(dead, 1.0, diag)
-    load = spec.damping * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)  # (G, 1)
-    h[:, idx, idx] += load
+    h = _damped(h, spec.damping)
     # U: upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U), as in OBS/SparseGPT.
     hinv = np.linalg.inv(h)
     u = np.linalg.cholesky(hinv).transpose(0, 2, 1)
@@ -203,6 +207,18 @@ def _obs(w: np.ndarray, h: np.ndarray, spec: PruneSpec) -> tuple[np.ndarray, np.
     if spec.refit:
         w = _ls_refit(w0, w, mask, h)
     return w, mask, float(spec.damping)
+
+
+def _damped(h: np.ndarray, damping: float) -> np.ndarray:
+    """A copy of H (G, K, K) with ``damping`` × its mean diagonal added to the diagonal; inputs
+    that never vary (diagonal 0: their weights do not affect the output) get a unit diagonal."""
+    h = h.copy()
+    k = h.shape[-1]
+    diag = np.diagonal(h, axis1=1, axis2=2).copy()
+    idx = np.arange(k)
+    h[:, idx, idx] = np.where(diag <= 0, 1.0, diag)
+    h[:, idx, idx] += damping * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
+    return h
 
 
 def _ls_refit(
