@@ -126,30 +126,9 @@ def test_network_aware_weight_undoes_a_known_input_distortion() -> None:
 
 def _qdq_conv(levels: np.ndarray) -> onnx.ModelProto:
     """x -> Q/DQ -> Conv(DQ(int8 levels)) -> Q/DQ: one QLinearConv once optimized."""
-    o = levels.shape[0]
-    inits = [
-        numpy_helper.from_array(levels.astype(np.int8), "wq"),
-        numpy_helper.from_array(np.full(o, 0.02, np.float32), "ws"),
-        numpy_helper.from_array(np.zeros(o, np.int8), "wz"),
-        numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
-        numpy_helper.from_array(np.array(128, np.uint8), "xz"),
-        numpy_helper.from_array(np.array(0.1, np.float32), "ys"),
-        numpy_helper.from_array(np.array(128, np.uint8), "yz"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
-        helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
-        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"]),
-    ]
-    c = levels.shape[1]
-    g = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, o, 8, 8])], inits,
-    )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    from onnxlw.targets.probe import qdq_conv
+
+    return qdq_conv(levels)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])

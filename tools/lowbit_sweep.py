@@ -21,17 +21,12 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from sweeplib import REPO, Bench
 
-from onnxlw import Config, compress  # noqa: E402
-from onnxlw.evaluation.evaluate import evaluate, measure_latency  # noqa: E402
-from onnxlw.evaluation.preprocess import load_images, select_preset  # noqa: E402
-from onnxlw.io import save_atomic  # noqa: E402
-from onnxlw.ortutil import fused_conv_counts  # noqa: E402
+from onnxlw import Config
+from onnxlw.ortutil import fused_conv_counts
 
 RTN = {"weight_scale": "minmax", "bias_correction": "none", "rounding": "nearest"}
 STAGES = {
@@ -91,28 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in a.models.split(",") if m in SWEEP]
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            src = a.shared / "models" / f"{model}.onnx"
-            cifar = "cifar" in model
-            imgs = a.shared / "data" / ("cifar10-test-jpg" if cifar else "imagenet-sample-images")
-            limit = 2000 if cifar else None
-            x1, _, _ = load_images(imgs, select_preset(src), 1)
+            bench = Bench(a.shared, model)
             for bits, stage, kw in SWEEP[model]:
-                t0 = time.perf_counter()
-                m, rep = compress(src, Config(seed=0, **kw))
-                secs = time.perf_counter() - t0
-                out = Path(tmp) / f"{model}.onnx"
-                save_atomic(m, out)
-                e = evaluate(src, out, imgs, None, limit=limit, latency_runs=0)
-                lat = measure_latency([src, out], x1[:1], runs=30, threads=1)
-                done = [r for r in rep.layers if r.skipped is None]
+                row = bench.run(Config(seed=0, **kw), Path(tmp))
+                done = [r for r in row.report.layers if r.skipped is None]
                 wbits = sum(r.params * r.stats.get("bits", 8) for r in done) / sum(
                     r.params for r in done)
-                q, f = fused_conv_counts(out)
+                q, f = fused_conv_counts(row.out)
                 lines.append(
-                    f"| {model} | {bits} | {stage} | {100 * e.top1_agreement:.1f} "
-                    f"| {100 * (e.cand_top1 - e.ref_top1):+.1f} | {wbits:.2f} "
-                    f"| {os.path.getsize(out) / os.path.getsize(src):.3f} | {q}/{q + f} "
-                    f"| {lat[1] / lat[0]:.2f} | {secs:.1f} |"
+                    f"| {model} | {bits} | {stage} | {row.agree:.1f} | {row.dtop1:+.1f} "
+                    f"| {wbits:.2f} | {os.path.getsize(row.out) / os.path.getsize(bench.src):.3f} "
+                    f"| {q}/{q + f} | {row.latency:.2f} | {row.secs:.1f} |"
                 )
                 print(lines[-1], flush=True)
     a.out_md.write_text("\n".join(lines) + "\n")

@@ -20,17 +20,12 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from sweeplib import REPO, Bench
 
-from onnxlw import Config, compress  # noqa: E402
-from onnxlw.evaluation.evaluate import evaluate, measure_latency  # noqa: E402
-from onnxlw.evaluation.preprocess import load_images, select_preset  # noqa: E402
-from onnxlw.io import save_atomic  # noqa: E402
+from onnxlw import Config
 
 OFF = {"network_aware": "off"}
 BASE = {"magnitude uniform": {"prune_method": "magnitude", "prune_allocation": "uniform", **OFF},
@@ -101,30 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in a.models.split(",") if m in sweep]
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            src = a.shared / "models" / f"{model}.onnx"
-            cifar = "cifar" in model
-            imgs = a.shared / "data" / ("cifar10-test-jpg" if cifar else "imagenet-sample-images")
-            limit = 2000 if cifar else None
-            x1, _, _ = load_images(imgs, select_preset(src), 1)
-            ref_bytes = src.read_bytes()
+            bench = Bench(a.shared, model)
+            ref_bytes = bench.src.read_bytes()
             for prune, name, kw in sweep[model]:
-                cfg = Config(seed=0, prune=prune, quantize=a.quantize, **kw)
-                t0 = time.perf_counter()
-                m, rep = compress(src, cfg)
-                secs = time.perf_counter() - t0
-                out = Path(tmp) / f"{model}.onnx"
-                save_atomic(m, out)
-                e = evaluate(src, out, imgs, None, limit=limit, latency_runs=0)
-                lat = measure_latency([src, out], x1[:1], runs=30, threads=1)
-                done = [r for r in rep.layers if r.skipped is None]
+                row = bench.run(Config(seed=0, prune=prune, quantize=a.quantize, **kw), Path(tmp))
+                done = [r for r in row.report.layers if r.skipped is None]
                 zeros = sum(r.params * r.stats.get("sparsity", 0.0) for r in done)
                 sparsity = zeros / sum(r.params for r in done)
-                size = os.path.getsize(out) / len(ref_bytes)
-                zipped = len(zlib.compress(out.read_bytes(), 6)) / len(zlib.compress(ref_bytes, 6))
+                size = os.path.getsize(row.out) / len(ref_bytes)
+                zipped = len(zlib.compress(row.out.read_bytes(), 6)) / len(
+                    zlib.compress(ref_bytes, 6))
                 lines.append(
-                    f"| {model} | {prune} | {name} | {100 * e.top1_agreement:.1f} "
-                    f"| {100 * (e.cand_top1 - e.ref_top1):+.1f} | {sparsity:.3f} | {size:.3f} "
-                    f"| {zipped:.3f} | {lat[1] / lat[0]:.2f} | {secs:.1f} |"
+                    f"| {model} | {prune} | {name} | {row.agree:.1f} | {row.dtop1:+.1f} "
+                    f"| {sparsity:.3f} | {size:.3f} | {zipped:.3f} | {row.latency:.2f} "
+                    f"| {row.secs:.1f} |"
                 )
                 print(lines[-1], flush=True)
     a.out_md.write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import NameAllocator
-from .packed import slice_members
+from .packed import restore, slice_members
 
 MIN_ELEMENTS = 256
 """Smaller tensors stay dense."""
@@ -102,11 +102,7 @@ def compact_sparse(
             inits, nodes = _expansion(members, alloc)
             keep += inits
             head += nodes
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    nodes_all = head + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes_all)
+    restore(g, keep, head)
     return out, choices
 
 

@@ -96,12 +96,17 @@ def pack_lowbit(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Packed]]:
                 continue
             keep += inits
             head += nodes
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    nodes_all = head + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes_all)
+    restore(g, keep, head)
     return out, packed
+
+
+def restore(g: onnx.GraphProto, inits: list[onnx.TensorProto], head: list[onnx.NodeProto]) -> None:
+    """Make ``inits`` the initializers of ``g`` and put the expansion nodes ``head`` first."""
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    nodes = head + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def slice_members(

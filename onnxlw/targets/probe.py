@@ -20,32 +20,41 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import OnnxlwError
 
 
-def _probe_model() -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    w = rng.integers(-7, 8, (64, 64, 3, 3)).astype(np.int8)
+def qdq_conv(levels: np.ndarray, clip: int | None = None) -> onnx.ModelProto:
+    """x -> Q (-> uint8 Clip to [0, clip]) -> DQ -> Conv(DQ(int8 ``levels``)) -> Q -> DQ: one
+    QLinearConv once onnxruntime optimizes it. ``levels`` (O, C, 3, 3); input (1, C, 8, 8)."""
+    o, c = levels.shape[:2]
     inits = [
-        numpy_helper.from_array(w, "wq"),
-        numpy_helper.from_array(np.full(64, 0.02, np.float32), "ws"),
-        numpy_helper.from_array(np.zeros(64, np.int8), "wz"),
+        numpy_helper.from_array(levels.astype(np.int8), "wq"),
+        numpy_helper.from_array(np.full(o, 0.02, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(o, np.int8), "wz"),
         numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-        numpy_helper.from_array(np.array(8, np.uint8), "z"),
-        numpy_helper.from_array(np.array(0, np.uint8), "lo"),
-        numpy_helper.from_array(np.array(15, np.uint8), "hi"),
+        numpy_helper.from_array(np.array(8 if clip else 128, np.uint8), "z"),
     ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
-        helper.make_node("Clip", ["xq", "lo", "hi"], ["xc"]),
-        helper.make_node("DequantizeLinear", ["xc", "s", "z"], ["xd"]),
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"])]
+    xq = "xq"
+    if clip is not None:
+        inits += [numpy_helper.from_array(np.array(0, np.uint8), "lo"),
+                  numpy_helper.from_array(np.array(clip, np.uint8), "hi")]
+        nodes.append(helper.make_node("Clip", ["xq", "lo", "hi"], ["xc"]))
+        xq = "xc"
+    nodes += [
+        helper.make_node("DequantizeLinear", [xq, "s", "z"], ["xd"]),
         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
         helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
         helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
         helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"]),
     ]
     g = helper.make_graph(
-        nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 64, 8, 8])], inits,
+        nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, o, 8, 8])], inits,
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+def _probe_model() -> onnx.ModelProto:
+    levels = np.random.default_rng(0).integers(-7, 8, (64, 64, 3, 3))
+    return qdq_conv(levels, clip=15)
 
 
 @functools.cache
