@@ -173,6 +173,12 @@ class Config:
                 raise OnnxlwError(
                     "size_budget needs quantization", "drop --no-quantize or --size-budget"
                 )
+            if self.prune is not None:
+                raise OnnxlwError(
+                    "size_budget with prune is not supported yet (the bit allocation does not "
+                    "account for pruned weights)",
+                    "use --prune with --weight-bits, or --size-budget alone",
+                )
         if self.samples is not None and self.samples < 2:
             raise OnnxlwError(f"samples={self.samples} is too small", "use 2 or more samples")
         if self.input_range is not None and not (

@@ -286,3 +286,21 @@ def test_this_onnxruntime_passes_the_low_bit_probe_and_a_failing_one_is_refused(
     monkeypatch.setattr(probe, "lowbit_support", lambda: "it does not fuse (simulated)")
     with pytest.raises(OnnxlwError, match="does not fuse"):
         onnxlw.compress(wide(), dataclasses.replace(CFG, weight_bits=4))
+
+
+def test_prune_with_four_bit_weights_keeps_zeros_packed_and_fused() -> None:
+    m = wide()
+    cfg = dataclasses.replace(CFG, prune="0.5", weight_bits=4)
+    out, rep = onnxlw.compress(m, cfg)
+    plain, _ = onnxlw.compress(m, dataclasses.replace(cfg, pack_weights=False,
+                                                      sparse_format="dense"))
+    w = np.concatenate([s.weight.ravel() for s in rep.plan.layers.values()])
+    assert (w == 0).mean() >= 0.5
+    assert all(np.abs(s.encoding.q).max() <= 7 for s in rep.plan.layers.values())
+    assert rep.packed["tensors"] and out.ByteSize() < 0.65 * plain.ByteSize()
+    feeds = M.random_feeds(m, batch=2)
+    np.testing.assert_array_equal(session(out).run(None, feeds)[0],
+                                  session(plain).run(None, feeds)[0])
+    assert fused_conv_counts(out) == (3, 0)
+    with pytest.raises(OnnxlwError, match="size_budget with prune"):
+        Config(prune="0.5", size_budget=0.2)
