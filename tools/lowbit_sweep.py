@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             bench = Bench(a.shared, model)
             for bits, stage, kw in SWEEP[model]:
-                row = bench.run(Config(seed=0, **kw), Path(tmp))
+                row = bench.run(Config.from_dict({"seed": 0, **kw}), Path(tmp))
                 done = [r for r in row.report.layers if r.skipped is None]
                 wbits = sum(r.params * r.stats.get("bits", 8) for r in done) / sum(
                     r.params for r in done)
