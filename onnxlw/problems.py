@@ -184,7 +184,7 @@ class StatsCollector:
         cfg = self.config
         cols = sample_columns(rec, x, cfg)
         act = self.act_for(rec.input)
-        xq_mean = fake_quant_mean(cols, act.scale, act.zero_point, cfg.act_bits) if act else None
+        xq_mean = fake_quant_mean(cols, act.scale, act.zero_point, act.bits) if act else None
         wm, bias = layer_matrix(rec, self.weights[rec.index], self.biases[rec.index])
         pairs = u8s8_pair_order(rec) if cfg.saturation_guard else None
         return LayerProblem.from_samples(
