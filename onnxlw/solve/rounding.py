@@ -49,9 +49,13 @@ def gptq_levels(
     perm = np.argsort(-diag, axis=1, kind="stable")  # (G, K): act order
     gi = np.arange(g)[:, None]
     hp = h[gi[..., None], perm[:, :, None], perm[:, None, :]]
+    del h  # (K, K) float64 copies dominate the memory of wide layers: hold at most two
     wp = np.take_along_axis(w, perm[:, None, :], axis=2).copy()
     kp = None if keep is None else np.take_along_axis(keep, perm[:, None, :], axis=2)
-    u = np.linalg.cholesky(np.linalg.inv(hp)).transpose(0, 2, 1)  # upper: H⁻¹ = Uᵀ U
+    hinv = np.linalg.inv(hp)
+    del hp
+    u = np.linalg.cholesky(hinv).transpose(0, 2, 1)  # upper: H⁻¹ = Uᵀ U
+    del hinv
     q = np.empty_like(wp)
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
