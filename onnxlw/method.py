@@ -31,7 +31,7 @@ from .solve.problem import LayerProblem, LayerSolution, QuantSpec, SparseEncodin
 from .solve.prune import PruneSpec, prune_layer
 from .solve.weights import solve_weights
 from .synth.twin import run_twin
-from .targets.ort_cpu import u8s8_pair_order
+from .targets.ort_cpu import stored_bits, u8s8_pair_order
 
 FALLBACK_DAMPING = 1.0
 """Relative damping of H for pruning when the model has no BN statistics: H then describes
@@ -120,8 +120,9 @@ def layer_specs(
     return out
 
 
-BIT_CHOICES = (2, 3, 4, 5, 6, 8)
-"""Weight widths the size-budget allocation picks from."""
+BIT_CHOICES = (2, 4, 8)
+"""Weight widths the size-budget allocation picks from: the widths onnxlw stores in fewer
+bytes than the next one up (3 bits are stored as 4, 5-7 as 8; see targets.ort_cpu.stored_bits)."""
 BUDGET_ROUNDS = 6
 """Allocate → solve → emit → measure rounds before giving up on a budget."""
 
@@ -160,7 +161,7 @@ def _mixed_all(
     for i, p in problems.items():
         n = int(p.weight.size)
         widths = (specs[i].bits,) if i in fixed else BIT_CHOICES
-        costs[i] = {b: float(-(-n * b // 8)) for b in widths}
+        costs[i] = {b: float(-(-n * stored_bits(b) // 8)) for b in widths}
     for b in BIT_CHOICES:
         todo = [i for i in problems if b in costs[i]]
         jobs = ((i, (problems[i], dataclasses.replace(specs[i], bits=b, rounding="nearest")))

@@ -131,15 +131,15 @@ def _qdq_conv(levels: np.ndarray) -> onnx.ModelProto:
     return qdq_conv(levels)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
-def test_packed_weights_expand_exactly_and_still_fuse(bits: int) -> None:
+@pytest.mark.parametrize(("bits", "stored"), [(2, 2), (3, 4), (4, 4)])
+def test_packed_weights_expand_exactly_and_still_fuse(bits: int, stored: int) -> None:
     rng = np.random.default_rng(bits)
     hi = 2 ** (bits - 1) - 1
-    levels = rng.integers(-hi - 1, hi + 1, (61, 37, 3, 3))  # odd sizes: bits cross bytes
+    levels = rng.integers(-hi - 1, hi + 1, (61, 37, 3, 3))  # odd count: a padded last byte
     m = _qdq_conv(levels)
     out, packed = pack_lowbit(m)
-    assert [p.bits for p in packed] == [bits] and level_bits(levels) == bits
-    assert out.ByteSize() < m.ByteSize() - levels.size * (8 - bits) / 8 + 1600
+    assert [p.bits for p in packed] == [stored] and level_bits(levels) == bits
+    assert out.ByteSize() < m.ByteSize() - levels.size * (8 - stored) / 8 + 2000  # + table
     onnx.checker.check_model(out)
     x = rng.standard_normal((1, 37, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(session(out).run(None, {"x": x})[0],
@@ -147,9 +147,12 @@ def test_packed_weights_expand_exactly_and_still_fuse(bits: int) -> None:
     assert fused_conv_counts(out) == fused_conv_counts(m) == (1, 0)
 
 
-def test_eight_bit_levels_and_packing_that_does_not_pay_stay_int8() -> None:
+def test_five_to_eight_bit_levels_and_packing_that_does_not_pay_stay_int8() -> None:
+    """5-7 bits stay int8: their unpacking would cost gigabytes at session start (measured on
+    ResNet-50); a tiny tensor stays int8 because the subgraph would outweigh it."""
     rng = np.random.default_rng(0)
-    for levels in (rng.integers(-127, 128, (64, 32, 3, 3)), rng.integers(-7, 8, (8, 4, 3, 3))):
+    for levels in (rng.integers(-127, 128, (64, 32, 3, 3)), rng.integers(-31, 32, (64, 32, 3, 3)),
+                   rng.integers(-7, 8, (8, 4, 3, 3))):
         out, packed = pack_lowbit(_qdq_conv(levels))
         assert packed == [] and out.ByteSize() == _qdq_conv(levels).ByteSize()
 

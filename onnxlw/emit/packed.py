@@ -1,21 +1,20 @@
-"""Store low-bit integer weights in b bits each, expanded to int8 at session start.
+"""Store 2- and 4-bit integer weights packed, expanded to int8 at session start.
 
 A weight quantized to b < 8 bits is an int8 tensor in the QDQ graph (onnxruntime's
 QLinearConv takes int8 weights; an int4 DequantizeLinear before a Conv is not fused). Stored
 as int8 it weighs as much as an 8-bit one. This stage rewrites every int8 initializer read by
-a DequantizeLinear whose levels fit in b < 8 bits (offset binary: v + 2**(b-1) in
-[0, 2**b - 1]) as packed bits plus a constant subgraph that rebuilds it:
+a DequantizeLinear whose levels fit in 2 or 4 bits (3-bit levels are stored as 4; see
+:func:`onnxlw.targets.ort_cpu.stored_bits`) as bytes holding 4 or 2 offset-binary values, plus
+a constant subgraph that rebuilds it:
 
-    bytes → Cast(int32) → Div/Mod (bits) → Reshape (n, b) → Mul (place values) → ReduceSum
-          → Sub (offset) → Cast(int8) → Slice (per tensor) → Reshape
+    bytes → Cast(int32) → Gather(a 256-entry table of the values each byte holds) → Reshape
+          → Slice (per tensor) → Reshape
 
-All tensors of one bit width share one expansion (each is a Slice → Reshape of it).
-onnxruntime constant-folds the subgraph at session start, so the DequantizeLinear reads an
-int8 initializer again and the Conv still fuses into QLinearConv (tested). The levels are
-lossless; only tensors that really fit in fewer bits are packed (an 8-bit layer whose levels
-happen to fit in 7 bits is packed too), and a group only when its serialized bytes, subgraph
-included (about 1.4 kB), are fewer than the int8 tensors'. Opset-13 ops only, so the model's
-opset is kept.
+All tensors of one width share one expansion. onnxruntime constant-folds it at session start
+(its temporaries are a few bytes per weight), so the DequantizeLinear reads an int8
+initializer again and the Conv still fuses into QLinearConv (tested). The levels are
+lossless; a group is packed only when its serialized bytes, subgraph included, are fewer than
+the int8 tensors'. Opset-13 ops only, so the model's opset is kept.
 
 Hand-written because no library writes this form (onnx's int4 type needs opset 21 and is not
 fused by onnxruntime's CPU kernels before a Conv).
@@ -30,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import NameAllocator
+from ..targets.ort_cpu import stored_bits
 
 MIN_ELEMENTS = 64
 """Smaller tensors stay int8."""
@@ -73,7 +73,7 @@ def pack_lowbit(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Packed]]:
             keep.append(t)
             continue
         a = numpy_helper.to_array(t)
-        b = level_bits(a)
+        b = stored_bits(level_bits(a))
         if a.size < MIN_ELEMENTS or b >= 8:
             keep.append(t)
             continue
@@ -135,47 +135,38 @@ def slice_members(
 def _expansion(
     members: list[tuple[str, np.ndarray]], b: int, alloc: NameAllocator
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Packed bits of every member (int8 levels fitting in ``b`` bits, concatenated) and the
-    nodes that rebuild each one."""
-    flat = np.concatenate([a.ravel().astype(np.int32) for _, a in members])
+    """Packed bytes of every member (int8 levels fitting in ``b`` = 2 or 4 bits,
+    concatenated; the first value of a byte in its high bits) and the nodes that rebuild each
+    one."""
+    per = 8 // b
+    flat = np.concatenate([a.ravel().astype(np.int16) for _, a in members])
     starts = list(np.cumsum([0] + [a.size for _, a in members[:-1]]).astype(int))
     n = flat.size
-    u = (flat + 2 ** (b - 1)).astype(np.uint32)
-    bitmat = (u[:, None] >> np.arange(b - 1, -1, -1, dtype=np.uint32)) & 1  # (n, b), MSB first
-    data = np.packbits(bitmat.astype(bool).ravel())  # zero bits pad the last byte
+    off = 2 ** (b - 1)
+    u = np.full(-(-n // per) * per, off, np.uint16)  # padding holds level 0
+    u[:n] = flat + off
+    shifts = (8 - b * np.arange(1, per + 1)).astype(np.uint16)  # (per,)
+    data = (u.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8)
+    table = ((np.arange(256, dtype=np.int16)[:, None] >> shifts.astype(np.int16))
+             & (2**b - 1)) - off  # (256, per): the values each byte holds
 
     def nm(base: str) -> str:
         return alloc.fresh(f"onnxlw_w{b}__{base}")
 
-    c = {k: nm(k) for k in ("bytes", "col", "pow", "two", "flat", "zero", "nbits", "nb",
-                            "place", "axis", "offset")}
+    c = {k: nm(k) for k in ("bytes", "table", "flat", "zero", "n")}
     inits = [
         numpy_helper.from_array(data, c["bytes"]),
-        numpy_helper.from_array(np.array([-1, 1], np.int64), c["col"]),
-        numpy_helper.from_array(np.array([128, 64, 32, 16, 8, 4, 2, 1], np.int32), c["pow"]),
-        numpy_helper.from_array(np.array([2], np.int32), c["two"]),
+        numpy_helper.from_array(table.astype(np.int8), c["table"]),
         numpy_helper.from_array(np.array([-1], np.int64), c["flat"]),
         numpy_helper.from_array(np.array([0], np.int64), c["zero"]),
-        numpy_helper.from_array(np.array([n * b], np.int64), c["nbits"]),
-        numpy_helper.from_array(np.array([n, b], np.int64), c["nb"]),
-        numpy_helper.from_array(2 ** np.arange(b - 1, -1, -1, dtype=np.int32), c["place"]),
-        numpy_helper.from_array(np.array([1], np.int64), c["axis"]),
-        numpy_helper.from_array(np.array(2 ** (b - 1), np.int32), c["offset"]),
+        numpy_helper.from_array(np.array([n], np.int64), c["n"]),
     ]
-    t = {k: nm(k) for k in ("i32", "col32", "shifted", "bit", "bits", "used", "mat", "weighted",
-                            "u", "v", "levels")}
+    t = {k: nm(k) for k in ("i32", "pairs", "padded", "levels")}
     nodes = [
         helper.make_node("Cast", [c["bytes"]], [t["i32"]], to=TensorProto.INT32),
-        helper.make_node("Reshape", [t["i32"], c["col"]], [t["col32"]]),
-        helper.make_node("Div", [t["col32"], c["pow"]], [t["shifted"]]),
-        helper.make_node("Mod", [t["shifted"], c["two"]], [t["bit"]]),
-        helper.make_node("Reshape", [t["bit"], c["flat"]], [t["bits"]]),
-        helper.make_node("Slice", [t["bits"], c["zero"], c["nbits"]], [t["used"]]),
-        helper.make_node("Reshape", [t["used"], c["nb"]], [t["mat"]]),
-        helper.make_node("Mul", [t["mat"], c["place"]], [t["weighted"]]),
-        helper.make_node("ReduceSum", [t["weighted"], c["axis"]], [t["u"]], keepdims=0),
-        helper.make_node("Sub", [t["u"], c["offset"]], [t["v"]]),
-        helper.make_node("Cast", [t["v"]], [t["levels"]], to=TensorProto.INT8),
+        helper.make_node("Gather", [c["table"], t["i32"]], [t["pairs"]], axis=0),
+        helper.make_node("Reshape", [t["pairs"], c["flat"]], [t["padded"]]),
+        helper.make_node("Slice", [t["padded"], c["zero"], c["n"]], [t["levels"]]),
     ]
     for node in nodes:
         node.name = alloc.fresh(f"onnxlw_w{b}__{node.op_type}")
