@@ -307,3 +307,13 @@ def test_prune_with_four_bit_weights_keeps_zeros_packed_and_fused() -> None:
     assert fused_conv_counts(out) == (3, 0)
     with pytest.raises(OnnxlwError, match="size_budget with prune"):
         Config(prune="0.5", size_budget=0.2)
+
+
+def test_low_bit_plan_saved_and_loaded_gives_the_same_bytes(tmp_path) -> None:  # noqa: ANN001
+    m = wide()
+    cfg = dataclasses.replace(CFG, weight_bits=4)
+    out, rep = onnxlw.compress(m, cfg)
+    path = tmp_path / "plan.npz"
+    rep.plan.save(path)
+    again, _ = onnxlw.compress(m, cfg, plan=path)
+    assert again.graph.SerializeToString() == out.graph.SerializeToString()
