@@ -1,8 +1,11 @@
-"""The solve stage for every method: W8A8, pruning, or pruning then W8A8.
+"""The solve stage for every method, and the network-aware refine stage.
 
-Takes the collector's problems and returns a :class:`~onnxlw.plan.Plan`. Pruning needs all
-problems at once (the sparsity of each layer is allocated from every layer's sensitivity), so
-they are gathered first; quantization alone streams them through the executor.
+``solve`` takes the collector's problems and returns a :class:`~onnxlw.plan.Plan`:
+quantization at each layer's bits (``weight_bits``/``layer_bits``; GPTQ below 8 bits) streams
+the problems through the executor; pruning (then quantization) and mixed precision under a
+size budget need all problems at once (sparsity and bits are allocated from every layer's
+sensitivity), so they are gathered first. ``refine`` solves every layer again, in
+topological order, on the input the compressed network produces, with the same spec.
 """
 
 from __future__ import annotations
