@@ -272,13 +272,19 @@ class Config:
                 kw[f.name] = type(getattr(cls, f.name))(v)
         return cls(**kw)
 
-    def bits_for(self, names: tuple[str, ...]) -> int:
-        """Weight bits of a layer known by ``names`` (node name, weight name, op type): the
-        first ``layer_bits`` pattern matching any of them, else ``weight_bits``."""
+    def bits_override(self, names: tuple[str, ...]) -> int | None:
+        """The bits of the first ``layer_bits`` pattern matching any of ``names`` (node name,
+        weight name, op type), or None."""
         for pat, b in self.layer_bits:
             if any(fnmatch.fnmatchcase(n, pat) for n in names):
                 return b
-        return self.weight_bits
+        return None
+
+    def bits_for(self, names: tuple[str, ...]) -> int:
+        """Weight bits of a layer known by ``names``: its ``layer_bits`` override, else
+        ``weight_bits``."""
+        b = self.bits_override(names)
+        return self.weight_bits if b is None else b
 
     @property
     def refines(self) -> bool:

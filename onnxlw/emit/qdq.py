@@ -28,6 +28,47 @@ from ..solve.problem import QuantEncoding
 from ..targets.ort_cpu import ACT_DTYPE, BIAS_DTYPE, INT32_MAX, act_levels, weight_dtype
 
 
+def act_qdq(
+    name: str,
+    src: str,
+    q_out: str,
+    dq_out: str,
+    scale: str,
+    zero_point: str,
+    bits: int,
+    alloc: NameAllocator,
+    inits: list[onnx.TensorProto],
+) -> list[onnx.NodeProto]:
+    """QuantizeLinear(src) -> [uint8 Clip to the ``bits``-bit levels] -> DequantizeLinear
+    writing ``dq_out``: an activation quantizer as onnxruntime runs it. The Clip's bounds are
+    appended to ``inits``; new names derive from ``name``."""
+    nodes = [
+        helper.make_node(
+            "QuantizeLinear", [src, scale, zero_point], [q_out],
+            name=alloc.fresh(f"{name}_QuantizeLinear"),
+        ),
+    ]
+    if bits < 8:  # b-bit grid: the uint8 levels clipped to [0, 2**b - 1]
+        lo_n, hi_n = alloc.fresh(f"{name}_level_min"), alloc.fresh(f"{name}_level_max")
+        inits += [
+            numpy_helper.from_array(np.array(0, ACT_DTYPE), lo_n),
+            numpy_helper.from_array(np.array(act_levels(bits), ACT_DTYPE), hi_n),
+        ]
+        q_clip = alloc.fresh(f"{name}_quantized_{bits}bit")
+        nodes.append(
+            helper.make_node("Clip", [q_out, lo_n, hi_n], [q_clip], name=alloc.fresh(
+                f"{name}_Clip"))
+        )
+        q_out = q_clip
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear", [q_out, scale, zero_point], [dq_out],
+            name=alloc.fresh(f"{name}_DequantizeLinear"),
+        )
+    )
+    return nodes
+
+
 def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """A new QDQ model; the canonical FP32 model is not modified."""
     model = canon.model
@@ -55,35 +96,7 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
             dq_out = name
             if qt.pre is None:
                 src = renamed_out[name] = alloc.fresh(f"{name}_float")
-        nodes = [
-            helper.make_node(
-                "QuantizeLinear",
-                [src, s_name, z_name],
-                [q_out],
-                name=alloc.fresh(f"{name}_QuantizeLinear"),
-            ),
-        ]
-        if r.bits < 8:  # b-bit grid: the uint8 levels clipped to [0, 2**b - 1]
-            lo_n, hi_n = alloc.fresh(f"{name}_level_min"), alloc.fresh(f"{name}_level_max")
-            inits += [
-                numpy_helper.from_array(np.array(0, ACT_DTYPE), lo_n),
-                numpy_helper.from_array(np.array(act_levels(r.bits), ACT_DTYPE), hi_n),
-            ]
-            q_clip = alloc.fresh(f"{name}_quantized_{r.bits}bit")
-            nodes.append(
-                helper.make_node(
-                    "Clip", [q_out, lo_n, hi_n], [q_clip], name=alloc.fresh(f"{name}_Clip")
-                )
-            )
-            q_out = q_clip
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [q_out, s_name, z_name],
-                [dq_out],
-                name=alloc.fresh(f"{name}_DequantizeLinear"),
-            )
-        )
+        nodes = act_qdq(name, src, q_out, dq_out, s_name, z_name, r.bits, alloc, inits)
         if src in view.graph_inputs:
             head += nodes
         else:

@@ -30,13 +30,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..analyze import Analysis
 from ..config import Config, Synthesis
+from ..emit.qdq import act_qdq
 from ..graph import NameAllocator, bias_add, used_names
 from ..inputspec import InputSpec
 from ..ops import LayerRecord
 from ..ortutil import release_memory, run_batched
 from ..passes import Canonical
 from ..solve.problem import ActQuant, LayerSolution
-from ..targets.ort_cpu import act_levels
 from . import (
     _prune,
     _segment_model,
@@ -101,19 +101,8 @@ def build_twin(
             numpy_helper.from_array(np.array(r.scale, np.float32), s),
             numpy_helper.from_array(np.array(r.zero_point, np.uint8), z),
         ])
-        nodes = [helper.make_node("QuantizeLinear", [src, s, z], [q])]
-        if r.bits < 8:
-            lo, hi, qc = alloc.fresh(f"{src}_lo"), alloc.fresh(f"{src}_hi"), alloc.fresh(
-                f"{src}_qc")
-            inits.extend([
-                numpy_helper.from_array(np.array(0, np.uint8), lo),
-                numpy_helper.from_array(np.array(act_levels(r.bits), np.uint8), hi),
-            ])
-            nodes.append(helper.make_node("Clip", [q, lo, hi], [qc]))
-            q = qc
-        nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq]))
         reads[t] = dq
-        return nodes
+        return act_qdq(src, src, q, dq, s, z, r.bits, alloc, inits)
 
     fq_at: dict[str, ActQuant] = {}
     for name, r in acts.items():
