@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import scipy.linalg
 
 from .problem import LayerProblem, input_stats
 
@@ -49,6 +48,8 @@ def network_aware(
     if cov_c is None or err == 0.0:
         w_new = w
     else:
+        import scipy.linalg  # here, not at import: only pruning runs this (start-up of W8A8)
+
         xt = (x.transpose(1, 0, 2) - mu[:, None, :]).astype(np.float64)  # (G, M, K)
         ct = (xc.transpose(1, 0, 2) - mean_c[:, None, :]).astype(np.float64)
         cross = np.matmul(xt.transpose(0, 2, 1), ct) / m  # Cov[x, x̃] (G, K, K)
