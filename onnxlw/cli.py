@@ -113,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--act-bits",
         type=int,
-        default=8,
-        help="activation bits (4-8); below 8 a uint8 Clip between Q and DQ keeps the "
-        "integer kernels fused",
+        default=None,
+        help="activation bits (4-8; default 8); below 8 a uint8 Clip between Q and DQ keeps "
+        "the integer kernels fused. With --additive, activations stay float unless given",
     )
     c.add_argument(
         "--layer-bits",
@@ -153,6 +153,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store weights below 8 bits as plain int8 (as large as 8-bit weights)",
     )
+    c.add_argument(
+        "--additive",
+        type=float,
+        default=None,
+        metavar="BITS",
+        help="additive quantization at about BITS code bits per weight (e.g. 2, 2.5, 3): each "
+        "vector of weights is a sum of codewords from codebooks shared across layers, fitted "
+        "to the layers' output on synthesized inputs; rebuilt at session start (float speed)",
+    )
+    c.add_argument("--additive-books", type=int, default=None,
+                   help="codebooks per vector (default: BITS * dim / code bits)")
+    c.add_argument("--additive-dim", type=int, default=None,
+                   help="weights per vector (default 8, or 16 when 8 does not divide)")
+    c.add_argument("--additive-code-bits", type=int, default=8,
+                   help="bits per code, 2**bits codewords per codebook (default 8)")
+    c.add_argument("--additive-scope", choices=("shared", "layer"), default="shared",
+                   help="one codebook set for all layers, or one per layer (default shared)")
+    c.add_argument("--additive-objective", choices=("output", "weight"), default="output",
+                   help="fit each layer's output error on synthesized inputs, or the plain "
+                   "weight error (default output)")
+    c.add_argument("--additive-layout", choices=("kernel", "channels"), default="kernel",
+                   help="conv vectors along the weight's own (c, kh, kw) order, or along "
+                   "input channels at one kernel position (default kernel)")
+    c.add_argument("--additive-beam", type=int, default=4, help="code search beam (default 4)")
+    c.add_argument("--additive-rounds", type=int, default=3,
+                   help="codes/codebooks/scales alternations (default 3)")
     c.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     c.add_argument(
         "--samples",
@@ -288,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
 def _config(a: argparse.Namespace) -> Config:
     return Config(
         weight_bits=a.weight_bits,
-        act_bits=a.act_bits,
+        act_bits=8 if a.act_bits is None else a.act_bits,
         seed=a.seed,
         samples=a.samples,
         input_shapes=tuple(parse_input_shape(s) for s in a.input_shape),
@@ -307,7 +333,7 @@ def _config(a: argparse.Namespace) -> Config:
         executor=a.executor,
         memory_budget_mb=a.memory_budget,
         prune=a.prune,
-        quantize=not a.no_quantize,
+        quantize=not a.no_quantize and (a.additive is None or a.act_bits is not None),
         prune_method=a.prune_method,
         prune_allocation=a.prune_allocation,
         prune_refit=not a.no_prune_refit,
@@ -318,6 +344,15 @@ def _config(a: argparse.Namespace) -> Config:
         rounding=a.rounding,
         pack_weights=not a.no_pack,
         network_aware=a.network_aware,
+        additive=a.additive,
+        additive_books=a.additive_books,
+        additive_dim=a.additive_dim,
+        additive_code_bits=a.additive_code_bits,
+        additive_scope=a.additive_scope,
+        additive_objective=a.additive_objective,
+        additive_layout=a.additive_layout,
+        additive_beam=a.additive_beam,
+        additive_rounds=a.additive_rounds,
     )
 
 

@@ -4,7 +4,8 @@
 quantization at each layer's bits (``weight_bits``/``layer_bits``; GPTQ below 8 bits) streams
 the problems through the executor; pruning (then quantization) and mixed precision under a
 size budget need all problems at once (sparsity and bits are allocated from every layer's
-sensitivity), so they are gathered first. ``refine`` solves every layer again, in
+sensitivity), so they are gathered first; so does additive quantization (one codebook set
+fitted to every layer, :mod:`onnxlw.additive`). ``refine`` solves every layer again, in
 topological order, on the input the compressed network produces, with the same spec.
 """
 
@@ -18,6 +19,7 @@ from concurrent.futures import Executor
 import numpy as np
 from onnx import numpy_helper
 
+from .additive import solve_additive
 from .analyze import Analysis
 from .config import Config, parse_prune
 from .errors import OnnxlwError
@@ -82,7 +84,11 @@ def solve(
     damping = KEPT_BN_DAMPING if bn_found else FALLBACK_DAMPING
     specs = layer_specs(analysis, config, qspec, damping)
     try:
-        if config.size_budget is not None:
+        if config.additive is not None:
+            plan.layers, plan.codebooks, plan.meta["additive"] = solve_additive(
+                analysis, collector, config, pool, in_flight, damping
+            )
+        elif config.size_budget is not None:
             if measure is None:
                 raise ValueError("size_budget needs measure")
             plan.layers = _mixed_all(

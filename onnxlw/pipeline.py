@@ -21,6 +21,7 @@ from .analyze import Analysis, analyze
 from .channels import prune_channels
 from .config import Config, parse_prune
 from .emit import EMITTERS
+from .emit.codebook import store_codebooks
 from .emit.compact import compact_sparse
 from .emit.packed import pack_lowbit
 from .errors import InternalError, OnnxlwError
@@ -122,8 +123,9 @@ def compress(
     out = stage("emit", EMITTERS[the_plan.format], canon, analysis, the_plan)
     packed: list = []
     forms: list = []
-    if the_plan.min_weight_bits() < 8 or config.prune is not None:
-        out, packed, forms = stage("store", _stored, out, config, the_plan)
+    coded: list = []
+    if the_plan.min_weight_bits() < 8 or config.prune is not None or config.additive:
+        out, packed, forms, coded = stage("store", _stored, out, config, the_plan)
     check_model(out, "emit")
     release_memory()
     validation = stage(
@@ -141,6 +143,7 @@ def compress(
     report.plan = the_plan
     report.sparse_storage = _storage(forms)
     report.packed = _packed(packed)
+    report.codebook_storage = _codebook_storage(coded, the_plan)
     if config.prune is not None:  # what a pruned file really weighs once zipped
         report.size_zipped_before = len(zlib.compress(loaded.model.SerializeToString(), 6))
         report.size_zipped_after = len(zlib.compress(out.SerializeToString(), 6))
@@ -156,16 +159,34 @@ def compress(
 
 def _stored(
     out: onnx.ModelProto, config: Config, plan: Plan
-) -> tuple[onnx.ModelProto, list, list]:
+) -> tuple[onnx.ModelProto, list, list, list]:
     """The emitted model with its weights in their stored form: weights below 8 bits packed,
-    pruned weights compact. Returns the model, what was packed and the compact forms."""
+    pruned weights compact, additive codes with their codebooks. Returns the model, what was
+    packed, the compact forms and the coded weights."""
+    coded: list = []
+    if config.additive is not None:
+        out, coded = store_codebooks(out, plan)
     packed: list = []
     if config.pack_weights and plan.min_weight_bits() < 8:
         out, packed = pack_lowbit(out)
     forms: list = []
     if config.prune is not None and config.sparse_format == "compact":
         out, forms = compact_sparse(out)
-    return out, packed, forms
+    return out, packed, forms, coded
+
+
+def _codebook_storage(coded: list, plan: Plan) -> dict[str, Any]:
+    """Additive storage: weights per form, their bytes before/after, the codebooks' bytes."""
+    if not coded:
+        return {}
+    out: dict[str, Any] = {"tensors": {}, "dense_bytes": 0, "stored_bytes": 0}
+    for c in coded:
+        out["tensors"][c.form] = out["tensors"].get(c.form, 0) + 1
+        out["dense_bytes"] += c.dense_bytes
+        out["stored_bytes"] += c.bytes
+    out["codebook_bytes"] = int(sum(b.nbytes for b in plan.codebooks.values()))
+    out["codebooks"] = len(plan.codebooks)
+    return out
 
 
 def _packed(packed: list) -> dict[str, Any]:

@@ -77,8 +77,13 @@ class Plan:
                 enc = {"kind": "sparse", "pattern": e.pattern}
                 arrays[f"l{i}.mask"] = e.mask
             elif isinstance(e, CodebookRef):
-                enc = {"kind": "codebook", "book": e.book, "dim": e.dim}
-                arrays[f"l{i}.codes"] = e.codes
+                enc = {"kind": "codebook", "book": e.book, "dim": e.dim, "layout": e.layout,
+                       "weight_shape": list(e.weight_shape), "transposed": e.transposed,
+                       "quant": e.quant is not None}
+                arrays[f"l{i}.codes"], arrays[f"l{i}.cscale"] = e.codes, e.scale
+                if e.quant is not None:
+                    arrays[f"l{i}.q"], arrays[f"l{i}.scale"], arrays[f"l{i}.zp"] = (
+                        e.quant.q, e.quant.scale, e.quant.zero_point)
             header["layers"][str(i)] = {
                 "node": self.layer_names.get(i, ""),
                 "encoding": enc,
@@ -131,7 +136,14 @@ class Plan:
             elif enc_d["kind"] == "sparse":
                 enc = SparseEncoding(z[f"l{i}.mask"], enc_d["pattern"])
             elif enc_d["kind"] == "codebook":
-                enc = CodebookRef(z[f"l{i}.codes"], enc_d["book"], enc_d["dim"])
+                quant = (
+                    QuantEncoding(z[f"l{i}.q"], z[f"l{i}.scale"], z[f"l{i}.zp"], 8, True)
+                    if enc_d["quant"] else None
+                )
+                enc = CodebookRef(
+                    z[f"l{i}.codes"], enc_d["book"], enc_d["dim"], z[f"l{i}.cscale"],
+                    enc_d["layout"], tuple(enc_d["weight_shape"]), enc_d["transposed"], quant,
+                )
             plan.layers[i] = LayerSolution(
                 z[f"l{i}.weight"], z[f"l{i}.bias"], enc, dict(info["stats"])
             )

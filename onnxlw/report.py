@@ -80,6 +80,10 @@ class Report:
     saying why it did not run; None when it was not asked for."""
     size_budget: dict[str, Any] = field(default_factory=dict)
     """Mixed precision: target and measured bytes, allocation rounds, predicted error."""
+    additive: dict[str, Any] = field(default_factory=dict)
+    """Additive quantization: codebook shape, scope, objective, fit history, layers coded."""
+    codebook_storage: dict[str, Any] = field(default_factory=dict)
+    """Additive storage: weights per form (codes/int8), bytes before/after, codebook bytes."""
     plan: Any = field(default=None, repr=False, compare=False)
     """The solved :class:`~onnxlw.plan.Plan` (not part of the JSON)."""
 
@@ -151,8 +155,28 @@ class Report:
                     f"sparse storage   : {forms}; those tensors {_mb(st['dense_bytes'])} -> "
                     f"{_mb(st['stored_bytes'])}"
                 )
+        ad = self.additive
+        if ad:
+            coded = [r for r in done if r.stats.get("bits_per_weight", 8) < 8]
+            n = sum(r.params for r in coded)
+            mean = sum(r.params * r.stats["bits_per_weight"] for r in coded) / max(n, 1)
+            lines.append(
+                f"additive codes   : {len(coded)} layers ({n:,} weights) at {ad['bits']:g} code "
+                f"bits per weight ({_books(ad)} book(s) x {2 ** ad['code_bits']} codewords, "
+                f"dim {ad['dim']}; {mean:.2f} with padding and row scales), "
+                f"{ad['int8_layers']} layers at 8 bits; codebooks {ad['scope']}, "
+                f"{ad['objective']} error"
+            )
+            cs = self.codebook_storage
+            if cs:
+                lines.append(
+                    f"codebook storage : {cs['codebooks']} codebook set(s) "
+                    f"{cs['codebook_bytes'] / 1e3:.1f} kB; coded/int8 weights "
+                    f"{_mb(cs['dense_bytes'])} -> {_mb(cs['stored_bytes'])}; rebuilt at "
+                    "session start"
+                )
         bits = [int(r.stats["bits"]) for r in done if "bits" in r.stats]
-        if bits and min(bits) < 8 or self.config.get("act_bits", 8) < 8:
+        if not ad and (bits and min(bits) < 8 or self.config.get("act_bits", 8) < 8):
             hist = ", ".join(
                 f"{bits.count(b)} at {b}" for b in sorted(set(bits), reverse=True)
             )
@@ -215,6 +239,11 @@ class Report:
             + ")"
         )
         return "\n".join(lines)
+
+
+def _books(ad: dict[str, Any]) -> str:
+    lo, hi = ad.get("min_books", ad["books"]), ad["books"]
+    return f"{hi}" if lo == hi else f"{lo}-{hi}"
 
 
 def _mb(n: int) -> str:
@@ -311,4 +340,5 @@ def make_report(
         onnxruntime_version=onnxruntime.__version__,
         size_budget=dict(plan.meta.get("size_budget", {})),
         network_aware=plan.meta.get("network_aware"),
+        additive=dict(plan.meta.get("additive", {})),
     )

@@ -64,7 +64,8 @@ def test_plan_solutions_are_method_agnostic() -> None:
 )
 def test_output_independent_of_workers_and_executor(workers: int, executor: str) -> None:
     m = M.residual(batch="N")
-    for base in (CFG, dataclasses.replace(CFG, prune="0.5", weight_bits=4)):  # + refine, GPTQ
+    for base in (CFG, dataclasses.replace(CFG, prune="0.5", weight_bits=4),  # + refine, GPTQ
+                 dataclasses.replace(CFG, additive=2, additive_min_params=256)):
         ref, _ = onnxlw.compress(m, base)
         got, _ = onnxlw.compress(m, dataclasses.replace(base, workers=workers, executor=executor))
         assert got.graph.SerializeToString() == ref.graph.SerializeToString()  # options differ

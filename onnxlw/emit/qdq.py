@@ -24,7 +24,7 @@ from ..graph import GraphView, NameAllocator, bias_add, rebuild
 from ..io import default_opset
 from ..passes import Canonical
 from ..plan import Plan
-from ..solve.problem import QuantEncoding
+from ..solve.problem import CodebookRef, QuantEncoding
 from ..targets.ort_cpu import ACT_DTYPE, BIAS_DTYPE, INT32_MAX, act_levels, weight_dtype
 
 
@@ -108,6 +108,8 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
     for rec in analysis.active_layers:
         sol = plan.layers[rec.index]
         enc = sol.encoding
+        if isinstance(enc, CodebookRef) and enc.quant is not None:
+            enc = enc.quant  # int8 levels, rebuilt from the codes by the store stage
         if not isinstance(enc, QuantEncoding):
             raise InternalError(f"layer {rec.node!r} has no quantized encoding for the QDQ format")
         x_scale = np.float32(plan.activations[rec.input].scale)

@@ -137,11 +137,25 @@ class SparseEncoding:
 
 @dataclass(frozen=True)
 class CodebookRef:
-    """Codes (G, O, K / dim, books) into a codebook shared across layers, named ``book``."""
+    """Additive codes into the plan's codebook set ``book`` (shared across layers or the
+    layer's own).
+
+    ``codes`` (books, R, J) uint8: R = G*O weight rows, J = ceil(K / dim) vectors per row;
+    row r decodes to ``scale[r] * (sum_m books[m][codes[m, r]]).ravel()[:K]`` in code order
+    ``layout``: ``channels`` ((kh, kw, c) for a conv) or ``kernel`` (the weight's own order).
+    ``scale`` (R,) float32 holding float16 values (stored as float16). ``weight_shape``: the
+    ONNX weight tensor's shape; ``transposed``: the tensor is (K, O) (MatMul).
+    ``quant``: the decoded weight requantized to int8 for QDQ output (levels rebuilt from the
+    codes at session start), or None for float output."""
 
     codes: np.ndarray
     book: str
     dim: int
+    scale: np.ndarray
+    layout: str
+    weight_shape: tuple[int, ...]
+    transposed: bool = False
+    quant: QuantEncoding | None = None
 
     kind = "codebook"
 
