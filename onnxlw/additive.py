@@ -21,11 +21,14 @@ from .schedule import solve_all
 from .solve.additive import (
     AdditiveLayer,
     AdditiveSpec,
+    assign_codes,
+    code_dtype,
     code_order,
     decode_matrix,
     fit,
     layer_state,
     requantize,
+    update_scales,
 )
 from .solve.problem import CodebookRef, LayerProblem, LayerSolution, QuantEncoding, QuantSpec
 from .solve.prune import hessian
@@ -43,6 +46,7 @@ def additive_spec(config: Config, damping: float) -> AdditiveSpec:
         layout=config.additive_layout,
         objective=config.additive_objective, beam=config.additive_beam,
         rounds=config.additive_rounds, damping=damping, seed=config.seed,
+        spread=0 if config.additive_books else config.additive_spread,
     )
 
 
@@ -59,8 +63,10 @@ def solve_additive(
     pool: Executor,
     in_flight: int,
     damping: float,
-) -> tuple[dict[int, LayerSolution], dict[str, np.ndarray], dict]:
-    """Every layer's solution, the codebooks by name, and what the report shows."""
+) -> tuple[dict[int, LayerSolution], dict[str, np.ndarray], dict, dict[int, tuple]]:
+    """Every layer's solution, the codebooks by name, what the report shows, and how each
+    layer is solved again on another problem (``Plan.jobs``, for the network-aware stage:
+    codes and scales with the codebooks kept)."""
     spec = additive_spec(config, damping)
     recs = {r.index: r for r in analysis.active_layers}
     problems = dict(collector.problems())
@@ -92,9 +98,13 @@ def solve_additive(
         for i in with_codes:
             names[i] = recs[i].node
             books[names[i]], history[names[i]] = fit([states[i]], spec, mapper=pool.map)
+    jobs: dict[int, tuple] = {i: (_q8_job, (q8,)) for i in int8}
     for i in with_codes:
-        out[i] = finish(problems[i], states.pop(i), books[names[i]], names[i], recs[i], spec,
+        lay = states.pop(i)
+        out[i] = finish(problems[i], lay, books[names[i]], names[i], recs[i], spec,
                         config.quantize)
+        jobs[i] = (recode_job, (books[names[i]], names[i], recs[i], spec, config.quantize,
+                                lay.books))
     meta = {
         "books": spec.books, "min_books": spec.min_books, "dim": spec.dim,
         "code_bits": spec.code_bits,
@@ -104,7 +114,21 @@ def solve_additive(
         "history": {k: v for k, v in history.items() if k == SHARED},
         "codebook_bytes": int(sum(b.nbytes for b in books.values())),
     }
-    return dict(sorted(out.items())), books, meta
+    return dict(sorted(out.items())), books, meta, jobs
+
+
+def recode_job(args: tuple) -> LayerSolution:
+    """Codes and row scales of one layer for another problem (the network-aware one), with
+    the fitted codebooks and the layer's book count kept. ``args``: (problem, books, book
+    name, layer record, spec, quantize, books used). Module-level, for process pools."""
+    p, books, name, rec, spec, quantize, nbooks = args
+    perm = code_order(spec.layout, rec.weight_shape, rec.op_type == "MatMul")
+    lay = layer_state(p.weight.astype(np.float64), hessian(p, True), perm, spec)
+    lay.books = nbooks
+    for _ in range(2):
+        lay.codes = assign_codes(lay, books, spec).astype(code_dtype(spec))
+        lay.s = update_scales(lay, books)
+    return finish(p, lay, books, name, rec, spec, quantize)
 
 
 def _q8_job(args: tuple[LayerProblem, QuantSpec]) -> LayerSolution:

@@ -176,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--additive-layout", choices=("kernel", "channels"), default="kernel",
                    help="conv vectors along the weight's own (c, kh, kw) order, or along "
                    "input channels at one kernel position (default kernel)")
+    c.add_argument("--additive-spread", type=int, default=1,
+                   help="book counts a layer may take beyond the two around the mean, chosen "
+                   "by measured sensitivity (default 1: --additive 3 gives 2 to 4 books)")
     c.add_argument("--additive-beam", type=int, default=4, help="code search beam (default 4)")
     c.add_argument("--additive-rounds", type=int, default=3,
                    help="codes/codebooks/scales alternations (default 3)")
@@ -351,6 +354,7 @@ def _config(a: argparse.Namespace) -> Config:
         additive_scope=a.additive_scope,
         additive_objective=a.additive_objective,
         additive_layout=a.additive_layout,
+        additive_spread=a.additive_spread,
         additive_beam=a.additive_beam,
         additive_rounds=a.additive_rounds,
     )

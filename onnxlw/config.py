@@ -165,6 +165,11 @@ class Config:
     kernel and a bit) or ``channels`` (consecutive input channels at one kernel position).
     Measured on ResNet-56 (2000 CIFAR images, 64 synthetic): 2 bits −1.1 pt kernel, −3.3
     channels; 2.3 bits −0.7 / −1.6. Same for 1x1 convs and dense layers."""
+    additive_spread: int = 1
+    """Book counts a layer may take beyond the two around the mean (``additive`` 3 with
+    spread 1: 2 to 4 books per layer, chosen by measured sensitivity). Measured at 64
+    synthetic images: MobileNetV2 at 3 bits −16.4 pt with 0, −6.9 with 1; ResNet-56 at 2 bits
+    (2 seeds) 92.5/92.2 % agreement with 0, 92.6/92.5 % with 1."""
     additive_beam: int = 4
     """Beam width of the code search."""
     additive_rounds: int = 3
@@ -250,8 +255,8 @@ class Config:
                     raise OnnxlwError(
                         f"{name}={value!r} is unknown", f"use one of {', '.join(allowed)}"
                     )
-            if self.additive_beam < 1 or self.additive_rounds < 1:
-                raise OnnxlwError("additive_beam and additive_rounds must be >= 1",
+            if self.additive_beam < 1 or self.additive_rounds < 1 or self.additive_spread < 0:
+                raise OnnxlwError("additive_beam, additive_rounds >= 1; additive_spread >= 0",
                                   "use e.g. --additive-beam 4")
         if not self.quantize and self.prune is None and self.additive is None:
             raise OnnxlwError(
@@ -377,7 +382,7 @@ class Config:
                 f"{d} (with {cb}-bit codes); 1 to 16 are possible",
                 f"use --additive between {cb / d:g} and {16 * cb / d:g}",
             )
-        return int(np.ceil(m - 1e-9)), d, cb
+        return int(np.ceil(m - 1e-9)) + self.additive_spread, d, cb
 
     def input_shape_map(self) -> dict[str, tuple[int, ...]]:
         """The ``input_shapes`` pins as a dict."""

@@ -85,7 +85,7 @@ def solve(
     specs = layer_specs(analysis, config, qspec, damping)
     try:
         if config.additive is not None:
-            plan.layers, plan.codebooks, plan.meta["additive"] = solve_additive(
+            plan.layers, plan.codebooks, plan.meta["additive"], plan.jobs = solve_additive(
                 analysis, collector, config, pool, in_flight, damping
             )
         elif config.size_budget is not None:
@@ -359,7 +359,8 @@ def refine(
             pool.shutdown()
     new = Plan(
         layers=solved, layer_names=dict(plan.layer_names), activations=dict(plan.activations),
-        format=plan.format, meta={**plan.meta, "network_aware": True}, jobs=plan.jobs,
+        codebooks=dict(plan.codebooks), format=plan.format,
+        meta={**plan.meta, "network_aware": True}, jobs=plan.jobs,
     )
     return new
 

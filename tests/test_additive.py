@@ -188,7 +188,9 @@ def test_float_output_rebuilds_the_plan_weights_exactly(layout: str) -> None:
     # one codebook set, stored once
     assert len(plan.codebooks) == 1
     books = [t for t in out.graph.initializer if "book" in t.name]
-    assert len(books) == cfg.additive_shape()[0]
+    used = max(s.encoding.codes.shape[0] for s in plan.layers.values()
+               if isinstance(s.encoding, CodebookRef))
+    assert len(books) == used  # each book once, however many layers read it
 
 
 def test_qdq_output_rebuilds_int8_levels_exactly_and_every_conv_fuses() -> None:
@@ -294,7 +296,8 @@ def test_small_codebooks_are_packed_and_rebuilt_exactly(code_bits: int) -> None:
 
 
 def test_fractional_bits_mix_book_counts_by_sensitivity_and_meet_the_mean() -> None:
-    out, rep = onnxlw.compress(model3(11), Config(additive=2.5, quantize=False, **SMALL))
+    out, rep = onnxlw.compress(model3(11), Config(additive=2.5, quantize=False,
+                                                  additive_spread=0, **SMALL))
     coded = {i: s for i, s in rep.plan.layers.items() if isinstance(s.encoding, CodebookRef)}
     counts = {i: s.encoding.codes.shape[0] for i, s in coded.items()}
     assert set(counts.values()) == {2, 3}
@@ -324,3 +327,20 @@ def test_allocation_gives_the_extra_book_where_it_pays() -> None:
         lays = [layer_state(*pair[i], np.arange(64), spec) for i in order]
         fit(lays, spec)
         assert lays[order.index(0)].books == 3 and lays[order.index(1)].books == 2
+
+
+def test_spread_lets_layers_take_one_book_less_or_more_within_the_mean() -> None:
+    """Mean 2 books, spread 1: the layer of 4 prototypes needs one book, the random one
+    gets three."""
+    spec = AdditiveSpec(books=3, target_bits=1.0, code_bits=4, dim=8, rounds=1, seed=3,
+                        spread=1)
+    assert (spec.min_books, spec.books) == (1, 3)
+    (w1, h1), (_, h2) = correlated(32, 64, 1), correlated(32, 64, 2)
+    proto = np.random.default_rng(4).standard_normal((4, 8))
+    rng = np.random.default_rng(5)
+    w2 = np.stack([proto[rng.permutation(np.arange(8) % 4)] for _ in range(32)])
+    lays = [layer_state(w1, h1, np.arange(64), spec),
+            layer_state(w2.reshape(1, 32, 64), h2, np.arange(64), spec)]
+    fit(lays, spec)
+    assert [lay.books for lay in lays] == [3, 1]
+    assert [lay.codes.shape[0] for lay in lays] == [3, 1]

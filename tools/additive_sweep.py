@@ -31,31 +31,40 @@ from onnxlw import Config
 from onnxlw.ortutil import fused_conv_counts, session
 
 FLOAT = {"quantize": False}
-ROWS: list[tuple[str, dict]] = [
+INT4 = [
     ("int4 RTN + BC, A8", {"weight_bits": 4, "rounding": "nearest"}),
     ("int4 GPTQ + BC, A8 (W4A8 default)", {"weight_bits": 4}),
-    ("additive 2, shared, output error", {"additive": 2, **FLOAT}),
-    ("additive 2, shared, weight error", {"additive": 2, "additive_objective": "weight",
-                                          **FLOAT}),
-    ("additive 2, per-layer books, 16 codewords (≈ equal size)",
-     {"additive": 2, "additive_scope": "layer", "additive_code_bits": 4, "additive_dim": 4,
-      **FLOAT}),
-    ("additive 2, per-layer books, 256 codewords",
-     {"additive": 2, "additive_scope": "layer", **FLOAT}),
-    ("additive 2.5 (2-3 books by sensitivity)", {"additive": 2.5, **FLOAT}),
-    ("additive 3", {"additive": 3, **FLOAT}),
-    ("additive 2, A8 (QDQ)", {"additive": 2}),
-    ("additive 3, A8 (QDQ)", {"additive": 3}),
 ]
-SHORT = [r for r in ROWS if r[0].startswith(("int4", "additive 2, shared, output",
-                                             "additive 2.5", "additive 3"))]
+
+
+def additive(bits: float, ablations: bool = False, qdq: bool = False) -> list[tuple[str, dict]]:
+    """Rows at ``bits``: shared books with the output objective; with ``ablations`` the plain
+    weight objective and per-layer books (16 codewords of dim 4: about the shared file's
+    size; 256 codewords of dim 8: the same codes, each layer's books stored); with ``qdq``
+    the W8A8 form."""
+    rows = [(f"additive {bits:g}, shared, output error", {"additive": bits, **FLOAT})]
+    if ablations:
+        rows += [
+            (f"additive {bits:g}, shared, weight error",
+             {"additive": bits, "additive_objective": "weight", **FLOAT}),
+            (f"additive {bits:g}, per-layer books of 16 (≈ equal size)",
+             {"additive": bits, "additive_scope": "layer", "additive_code_bits": 4,
+              "additive_dim": 4, **FLOAT}),
+            (f"additive {bits:g}, per-layer books of 256",
+             {"additive": bits, "additive_scope": "layer", **FLOAT}),
+        ]
+    if qdq:
+        rows.append((f"additive {bits:g}, A8 (QDQ)", {"additive": bits}))
+    return rows
+
+
 SWEEP: dict[str, list[tuple[str, dict]]] = {
-    "resnet56_cifar10": ROWS,
-    "mobilenetv2": ROWS,
-    "efficientnet_lite0": SHORT,
-    "resnet20_cifar10": SHORT,
-    "mobilenetv2_bnfolded": SHORT,
-    "resnet20_cifar10_bnfolded": SHORT,
+    "resnet56_cifar10": [*INT4, *additive(2, True, True), *additive(2.2), *additive(3)],
+    "mobilenetv2": [*INT4, *additive(3, True), *additive(4, qdq=True)],
+    "efficientnet_lite0": [*INT4, *additive(3), *additive(4)],
+    "resnet20_cifar10": [*INT4, *additive(2), *additive(3)],
+    "mobilenetv2_bnfolded": [INT4[1], *additive(4)],
+    "resnet20_cifar10_bnfolded": [INT4[1], *additive(3)],
 }
 
 

@@ -72,12 +72,17 @@ class AdditiveSpec:
             return self.target_bits
         return self.books * self.code_bits / self.dim
 
+    spread: int = 0  # book counts a layer may take beyond the two around the target
+
+    @property
+    def mean_books(self) -> float:
+        """Books per vector on average (the target)."""
+        return self.bits * self.dim / self.code_bits
+
     @property
     def min_books(self) -> int:
-        """The fewest books of a layer: ``books`` - 1 when the target bits fall between two
-        whole numbers of books, else ``books``."""
-        m = self.bits * self.dim / self.code_bits
-        return self.books if abs(m - round(m)) < 1e-9 else self.books - 1
+        """The fewest books of a layer."""
+        return max(1, int(np.floor(self.mean_books + 1e-9)) - self.spread)
 
     @property
     def entries(self) -> int:
@@ -343,7 +348,7 @@ def fit(
         books = init_books(layers, spec)
     history: list[dict[str, float]] = []
     rounds = spec.rounds
-    if spec.min_books < spec.books:
+    if spec.min_books < spec.books and len(layers) > 1:
         books = _round(layers, books, spec, mapper, history)
         allocate_books(layers, books, spec, mapper)
         rounds = max(rounds - 1, 1)
@@ -371,29 +376,32 @@ def _round(
 def allocate_books(
     layers: list[AdditiveLayer], books: np.ndarray, spec: AdditiveSpec, mapper: Mapper = map
 ) -> None:
-    """Give ``spec.books`` books to the layers where the extra book lowers the relative
-    output error most per weight, the rest ``spec.min_books``, so that the mean code bits per
-    weight is at most ``spec.bits``. Every layer must hold codes for ``spec.books`` books."""
-    lo = spec.min_books
-    sizes = np.array([lay.w[..., : lay.k].size for lay in layers], float)
-    rel_hi = np.array([_rel(lay, books) for lay in layers])
-    trial = [_with_books(lay, lo) for lay in layers]
-    for lay, codes in zip(trial, mapper(_codes_job, [(t, books, spec) for t in trial]),
-                          strict=True):
-        lay.codes = codes
-    rel_lo = np.array([_rel(lay, books) for lay in trial])
-    gain = (rel_lo - rel_hi) / sizes
-    # weights that can have the extra book: mean bits = (lo + share) * code_bits / dim
-    room = (spec.bits * spec.dim / spec.code_bits - lo) * sizes.sum()
-    order = np.argsort(-gain, kind="stable")
-    used = 0.0
-    for i in order:
-        if used + sizes[i] <= room + 1e-9:
-            used += sizes[i]
-            continue
-        layers[i].books = lo
-        layers[i].codes = trial[i].codes
-        layers[i].s = trial[i].s
+    """Each layer's book count in [``spec.min_books``, ``spec.books``] with the least summed
+    relative output error whose mean is at most ``spec.mean_books`` per weight (the
+    multiple-choice knapsack of :func:`onnxlw.solve.allocate.allocate_bits`). The errors
+    are measured: each layer's codes are searched again with fewer books. Every layer must
+    hold codes for ``spec.books`` books."""
+    from .allocate import allocate_bits
+
+    sizes = [float(lay.w[..., : lay.k].size) for lay in layers]
+    levels = range(spec.min_books, spec.books + 1)
+    errors = {i: {spec.books: _rel(lay, books)} for i, lay in enumerate(layers)}
+    trials: dict[tuple[int, int], AdditiveLayer] = {}
+    for nb in levels[:-1]:
+        trial = [_with_books(lay, nb) for lay in layers]
+        for i, (lay, codes) in enumerate(
+            zip(trial, mapper(_codes_job, [(t, books, spec) for t in trial]), strict=True)
+        ):
+            lay.codes = codes
+            errors[i][nb] = _rel(lay, books)
+            trials[(i, nb)] = lay
+    costs = {i: {nb: sizes[i] * nb for nb in levels} for i in range(len(layers))}
+    choice = allocate_bits(errors, costs, spec.mean_books * sum(sizes) * (1 + 1e-12))
+    if choice is None:  # cannot happen: the fewest books are at most the mean
+        choice = dict.fromkeys(range(len(layers)), spec.min_books)
+    for i, nb in choice.items():
+        if nb != spec.books:
+            layers[i].books, layers[i].codes = nb, trials[(i, nb)].codes
 
 
 def _with_books(lay: AdditiveLayer, books: int) -> AdditiveLayer:
