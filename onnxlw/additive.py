@@ -89,15 +89,12 @@ def solve_additive(
         problems[i] = dataclasses.replace(p, cov=None, x=None)  # the state holds H now
     books: dict[str, np.ndarray] = {}
     history: dict[str, list] = {}
-    if with_codes and config.additive_scope == "shared":
-        books[SHARED], history[SHARED] = fit([states[i] for i in with_codes], spec,
-                                             mapper=pool.map)
-        names = dict.fromkeys(with_codes, SHARED)
-    else:
-        names = {}
-        for i in with_codes:
-            names[i] = recs[i].node
-            books[names[i]], history[names[i]] = fit([states[i]], spec, mapper=pool.map)
+    shared = config.additive_scope == "shared"
+    sets, history[SHARED] = fit([states[i] for i in with_codes], spec, mapper=pool.map,
+                                shared=shared) if with_codes else ([], [])
+    names = {i: SHARED if shared else recs[i].node for i in with_codes}
+    for i, b in zip(with_codes, sets if not shared else sets * len(with_codes), strict=True):
+        books[names[i]] = b
     jobs: dict[int, tuple] = {i: (_q8_job, (q8,)) for i in int8}
     for i in with_codes:
         lay = states.pop(i)
@@ -111,8 +108,8 @@ def solve_additive(
         "bits": spec.bits, "scope": config.additive_scope, "objective": spec.objective,
         "layout": spec.layout, "beam": spec.beam, "rounds": spec.rounds,
         "coded_layers": len(with_codes), "int8_layers": len(int8),
-        "history": {k: v for k, v in history.items() if k == SHARED},
-        "codebook_bytes": int(sum(b.nbytes for b in books.values())),
+        "history": history[SHARED],
+        "codebook_bytes": int(sum(2 * b.size for b in books.values())),  # float16
     }
     return dict(sorted(out.items())), books, meta, jobs
 

@@ -184,7 +184,7 @@ def _codebook_storage(coded: list, plan: Plan) -> dict[str, Any]:
         out["tensors"][c.form] = out["tensors"].get(c.form, 0) + 1
         out["dense_bytes"] += c.dense_bytes
         out["stored_bytes"] += c.bytes
-    out["codebook_bytes"] = int(sum(b.nbytes for b in plan.codebooks.values()))
+    out["codebook_bytes"] = int(sum(2 * b.size for b in plan.codebooks.values()))  # float16
     out["codebooks"] = len(plan.codebooks)
     return out
 

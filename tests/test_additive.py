@@ -78,7 +78,7 @@ def test_output_objective_beats_weight_objective_on_correlated_inputs() -> None:
     for obj in ("weight", "output"):
         spec = AdditiveSpec(books=2, dim=8, objective=obj, rounds=2, seed=1)
         probs, lays = states(spec)
-        books, _ = fit(lays, spec)
+        (books,), _ = fit(lays, spec)
         errs[obj] = true_error(probs, lays, books)
     # measured 10 log10 ratio about 1.5 dB on this case
     assert errs["output"] < 0.85 * errs["weight"]
@@ -87,7 +87,7 @@ def test_output_objective_beats_weight_objective_on_correlated_inputs() -> None:
 def test_every_step_of_the_alternation_lowers_the_objective() -> None:
     spec = AdditiveSpec(books=2, dim=8, rounds=2, seed=2)
     _, lays = states(spec, 4)
-    books, hist = fit(lays, spec)
+    (books,), hist = fit(lays, spec)
     for r in hist:
         assert r["books"] <= r["codes"] + 1e-12  # codebook least squares never hurts
     # the scales are least-squares optimal per row: perturbing them costs
@@ -344,3 +344,15 @@ def test_spread_lets_layers_take_one_book_less_or_more_within_the_mean() -> None
     fit(lays, spec)
     assert [lay.books for lay in lays] == [3, 1]
     assert [lay.codes.shape[0] for lay in lays] == [3, 1]
+
+
+def test_per_layer_books_are_allocated_over_all_layers() -> None:
+    """Each layer with its own books still meets the mean book count across layers."""
+    spec = AdditiveSpec(books=3, target_bits=1.0, code_bits=4, dim=8, rounds=1, seed=3,
+                        spread=1)
+    probs = [correlated(32, 64, s) for s in (1, 2, 3)]
+    lays = [layer_state(w, h, np.arange(64), spec) for w, h in probs]
+    sets, _ = fit(lays, spec, shared=False)
+    assert len(sets) == 3 and all(b.shape == (3, 16, 8) for b in sets)
+    assert sum(lay.books for lay in lays) <= 6
+    assert all(lay.codes.shape[0] == lay.books for lay in lays)

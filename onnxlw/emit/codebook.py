@@ -10,7 +10,7 @@ is replaced by its codes (uint8, one byte per code) and a constant subgraph:
           [QDQ: → Div(int8 scale) → Round → Clip(±127) → Cast(int8)]
           → Reshape / Transpose to the weight's shape and order
 
-Every codebook is one initializer, however many layers read it. Codes of 1, 2 or 4 bits are
+Every codebook is one float16 initializer, however many layers read it. Codes of 1, 2 or 4 bits are
 stored 8, 4 or 2 to a byte and unpacked by a 256-entry byte table first (other widths: one
 byte each). The numpy mirror of the
 arithmetic is :func:`onnxlw.solve.additive.decode_matrix` / ``requantize``: the rebuilt
@@ -163,8 +163,9 @@ def _decode(
     acc = None
     for m in range(nb):
         idx = node("Gather", [c32, const(np.array(m, np.int64), f"m{m}")], f"idx{m}", axis=0)
-        if m not in stored:
-            stored[m] = const(books[m].astype(np.float32), f"book{m}")
+        if m not in stored:  # float16 values (see solve.additive.fit), stored as such
+            stored[m] = node("Cast", [const(books[m].astype(np.float16), f"book{m}")],
+                             f"book{m}f", to=TensorProto.FLOAT)
         v = node("Gather", [stored[m], idx], f"v{m}", axis=0)  # (V, dim)
         acc = v if acc is None else node("Add", [acc, v], f"sum{m}")
     assert acc is not None

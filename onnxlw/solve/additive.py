@@ -27,7 +27,7 @@ Alternating, from codebooks initialized by residual k-means on the normalized ve
    warm-started, with each layer's H applied as a dense product (no (entries x entries)
    matrix is formed);
 3. scales, per row, by least squares: ``s_r = w_r^T H v_r / v_r^T H v_r``, rounded to
-   float16 (how they are stored).
+   float16 (how they are stored). The codebooks are stored as float16 too.
 
 Hand-written: the public AQ/AQLM implementations are PyTorch and fit with data and Adam; this
 one is numpy/scipy, output-aware on synthesized statistics, and joint across layers.
@@ -335,26 +335,35 @@ def fit(
     spec: AdditiveSpec,
     books: np.ndarray | None = None,
     mapper: Mapper = map,
-) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """Fit one codebook set to ``layers`` (their ``codes``, ``s`` and ``books`` are set in
-    place).
+    shared: bool = True,
+) -> tuple[list[np.ndarray], list[dict[str, float]]]:
+    """Fit codebooks to ``layers`` (their ``codes``, ``s`` and ``books`` are set in place):
+    one set for all (``shared``) or one per layer.
 
     When ``spec.min_books`` < ``spec.books``, one round is fitted with every layer at the
-    most books, then :func:`allocate_books` decides which layers keep them.
-    ``mapper``: a ``map``-like callable (e.g. ``executor.map``) for the per-layer code
-    searches. Returns the books (books, entries, dim) float32 and, per round, the summed
-    relative output error before and after the codebook update."""
-    if books is None:
-        books = init_books(layers, spec)
+    most books, then :func:`allocate_books` decides each layer's count (over all layers,
+    also when each has its own set). ``mapper``: a ``map``-like callable (e.g.
+    ``executor.map``) for the per-layer code searches. Returns the codebook sets (one, or one
+    per layer; each (books, entries, dim) float32 holding float16 values) and, per round of
+    the shared fit, the summed relative output error before and after the codebook
+    update."""
+    groups = [layers] if shared else [[lay] for lay in layers]
+    sets = [init_books(g, spec) if books is None else books for g in groups]
     history: list[dict[str, float]] = []
     rounds = spec.rounds
     if spec.min_books < spec.books and len(layers) > 1:
-        books = _round(layers, books, spec, mapper, history)
-        allocate_books(layers, books, spec, mapper)
+        sets = [_round(g, b, spec, mapper, history) for g, b in zip(groups, sets, strict=True)]
+        per_layer = [sets[0]] * len(layers) if shared else sets
+        allocate_books(layers, per_layer, spec, mapper)
         rounds = max(rounds - 1, 1)
     for _ in range(rounds):
-        books = _round(layers, books, spec, mapper, history)
-    return books, history
+        sets = [_round(g, b, spec, mapper, history) for g, b in zip(groups, sets, strict=True)]
+    # stored as float16 (half the bytes; far below the codes' error): scales refitted to them
+    sets = [b.astype(np.float16).astype(np.float32) for b in sets]
+    for g, b in zip(groups, sets, strict=True):
+        for lay in g:
+            lay.s = update_scales(lay, b)
+    return sets, history if shared else []
 
 
 def _round(
@@ -374,26 +383,26 @@ def _round(
 
 
 def allocate_books(
-    layers: list[AdditiveLayer], books: np.ndarray, spec: AdditiveSpec, mapper: Mapper = map
+    layers: list[AdditiveLayer], books: list[np.ndarray], spec: AdditiveSpec,
+    mapper: Mapper = map,
 ) -> None:
     """Each layer's book count in [``spec.min_books``, ``spec.books``] with the least summed
     relative output error whose mean is at most ``spec.mean_books`` per weight (the
     multiple-choice knapsack of :func:`onnxlw.solve.allocate.allocate_bits`). The errors
-    are measured: each layer's codes are searched again with fewer books. Every layer must
-    hold codes for ``spec.books`` books."""
+    are measured: each layer's codes are searched again with fewer books. ``books``: each
+    layer's codebook set. Every layer must hold codes for ``spec.books`` books."""
     from .allocate import allocate_bits
 
     sizes = [float(lay.w[..., : lay.k].size) for lay in layers]
     levels = range(spec.min_books, spec.books + 1)
-    errors = {i: {spec.books: _rel(lay, books)} for i, lay in enumerate(layers)}
+    errors = {i: {spec.books: _rel(lay, books[i])} for i, lay in enumerate(layers)}
     trials: dict[tuple[int, int], AdditiveLayer] = {}
     for nb in levels[:-1]:
         trial = [_with_books(lay, nb) for lay in layers]
-        for i, (lay, codes) in enumerate(
-            zip(trial, mapper(_codes_job, [(t, books, spec) for t in trial]), strict=True)
-        ):
+        args = [(t, books[i], spec) for i, t in enumerate(trial)]
+        for i, (lay, codes) in enumerate(zip(trial, mapper(_codes_job, args), strict=True)):
             lay.codes = codes
-            errors[i][nb] = _rel(lay, books)
+            errors[i][nb] = _rel(lay, books[i])
             trials[(i, nb)] = lay
     costs = {i: {nb: sizes[i] * nb for nb in levels} for i in range(len(layers))}
     choice = allocate_bits(errors, costs, spec.mean_books * sum(sizes) * (1 + 1e-12))
