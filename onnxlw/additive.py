@@ -45,7 +45,8 @@ def additive_spec(config: Config, damping: float) -> AdditiveSpec:
         books=books, target_bits=config.additive, code_bits=code_bits, dim=dim,
         layout=config.additive_layout,
         objective=config.additive_objective, beam=config.additive_beam,
-        rounds=config.additive_rounds, damping=damping, seed=config.seed,
+        rounds=config.additive_rounds, seed=config.seed,
+        damping=damping if config.additive_damping is None else config.additive_damping,
         spread=0 if config.additive_books else config.additive_spread,
     )
 
@@ -68,6 +69,7 @@ def solve_additive(
     layer is solved again on another problem (``Plan.jobs``, for the network-aware stage:
     codes and scales with the codebooks kept)."""
     spec = additive_spec(config, damping)
+    auto_load = config.additive_damping is None  # the load grows with K / samples
     recs = {r.index: r for r in analysis.active_layers}
     problems = dict(collector.problems())
     with_codes = [i for i in sorted(problems) if coded(recs[i], problems[i], config, spec)]
@@ -85,7 +87,8 @@ def solve_additive(
         p = problems[i]
         rec = recs[i]
         perm = code_order(spec.layout, rec.weight_shape, rec.op_type == "MatMul")
-        states[i] = layer_state(p.weight.astype(np.float64), hessian(p, True), perm, spec)
+        states[i] = layer_state(p.weight.astype(np.float64), hessian(p, True), perm, spec,
+                                p.count if auto_load else None)
         problems[i] = dataclasses.replace(p, cov=None, x=None)  # the state holds H now
     books: dict[str, np.ndarray] = {}
     history: dict[str, list] = {}
@@ -101,7 +104,7 @@ def solve_additive(
         out[i] = finish(problems[i], lay, books[names[i]], names[i], recs[i], spec,
                         config.quantize)
         jobs[i] = (recode_job, (books[names[i]], names[i], recs[i], spec, config.quantize,
-                                lay.books))
+                                lay.books, auto_load))
     meta = {
         "books": spec.books, "min_books": spec.min_books, "dim": spec.dim,
         "code_bits": spec.code_bits,
@@ -117,10 +120,12 @@ def solve_additive(
 def recode_job(args: tuple) -> LayerSolution:
     """Codes and row scales of one layer for another problem (the network-aware one), with
     the fitted codebooks and the layer's book count kept. ``args``: (problem, books, book
-    name, layer record, spec, quantize, books used). Module-level, for process pools."""
-    p, books, name, rec, spec, quantize, nbooks = args
+    name, layer record, spec, quantize, books used, load grows with K / samples). Module-level,
+    for process pools."""
+    p, books, name, rec, spec, quantize, nbooks, auto_load = args
     perm = code_order(spec.layout, rec.weight_shape, rec.op_type == "MatMul")
-    lay = layer_state(p.weight.astype(np.float64), hessian(p, True), perm, spec)
+    lay = layer_state(p.weight.astype(np.float64), hessian(p, True), perm, spec,
+                      p.count if auto_load else None)
     lay.books = nbooks
     for _ in range(2):
         lay.codes = assign_codes(lay, books, spec).astype(code_dtype(spec))

@@ -179,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--additive-spread", type=int, default=1,
                    help="book counts a layer may take beyond the two around the mean, chosen "
                    "by measured sensitivity (default 1: --additive 3 gives 2 to 4 books)")
+    c.add_argument("--additive-damping", type=float, default=None,
+                   help="load on diag(H) relative to its mean in the additive fit; large "
+                   "values approach the plain weight error")
     c.add_argument("--additive-beam", type=int, default=4, help="code search beam (default 4)")
     c.add_argument("--additive-rounds", type=int, default=3,
                    help="codes/codebooks/scales alternations (default 3)")
@@ -355,6 +358,7 @@ def _config(a: argparse.Namespace) -> Config:
         additive_objective=a.additive_objective,
         additive_layout=a.additive_layout,
         additive_spread=a.additive_spread,
+        additive_damping=a.additive_damping,
         additive_beam=a.additive_beam,
         additive_rounds=a.additive_rounds,
     )

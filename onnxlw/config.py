@@ -170,6 +170,10 @@ class Config:
     spread 1: 2 to 4 books per layer, chosen by measured sensitivity). Measured at 64
     synthetic images: MobileNetV2 at 3 bits −16.4 pt with 0, −6.9 with 1; ResNet-56 at 2 bits
     (2 seeds) 92.5/92.2 % agreement with 0, 92.6/92.5 % with 1."""
+    additive_damping: float | None = None
+    """Load on diag(H) in the additive fit, relative to its mean: large values move the
+    output objective toward the plain weight error. None: the solver's default (0.01 with BN
+    statistics, 1.0 without)."""
     additive_beam: int = 4
     """Beam width of the code search."""
     additive_rounds: int = 3
@@ -255,8 +259,10 @@ class Config:
                     raise OnnxlwError(
                         f"{name}={value!r} is unknown", f"use one of {', '.join(allowed)}"
                     )
-            if self.additive_beam < 1 or self.additive_rounds < 1 or self.additive_spread < 0:
-                raise OnnxlwError("additive_beam, additive_rounds >= 1; additive_spread >= 0",
+            if (self.additive_beam < 1 or self.additive_rounds < 1 or self.additive_spread < 0
+                    or (self.additive_damping is not None and self.additive_damping < 0)):
+                raise OnnxlwError("additive_beam, additive_rounds >= 1; additive_spread, "
+                                  "additive_damping >= 0",
                                   "use e.g. --additive-beam 4")
         if not self.quantize and self.prune is None and self.additive is None:
             raise OnnxlwError(

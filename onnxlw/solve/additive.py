@@ -110,10 +110,23 @@ class AdditiveLayer:
 
 
 def layer_state(
-    weight: np.ndarray, h: np.ndarray, perm: np.ndarray, spec: AdditiveSpec
+    weight: np.ndarray,
+    h: np.ndarray,
+    perm: np.ndarray,
+    spec: AdditiveSpec,
+    samples: int | None = None,
 ) -> AdditiveLayer:
-    """Set up a layer: ``weight`` (G, O, K), ``h`` (G, K, K) undamped covariance, ``perm`` (K,)
-    the code order of K."""
+    """Set up a layer: ``weight`` (G, O, K), ``h`` (G, K, K) undamped covariance estimated
+    from ``samples`` input columns, ``perm`` (K,) the code order of K.
+
+    The load on diag(H) is ``spec.damping`` plus K / samples (relative to the mean
+    diagonal): a covariance estimated from few samples per input is mostly noise in its
+    small eigenvalues (their spread grows like sqrt(K / samples)), and fitting codes to it
+    overfits the synthetic images. Measured (64 synthetic images) on MobileNetV2 at 3 bits,
+    whose classifier sees 64 samples for K = 1280 (top-1 agreement): 0.01 fixed 81.1 %, 0.1
+    83.8 %, 1.0 88.7 %, 0.01 + (K/M)^2 82.3 %, 0.01 + K/M 88.5 %; on ResNet-56 at 2 bits (two
+    seeds): 0.01 92.6/92.5 %, 0.1 92.0 %, 1.0 89.5 %, 0.01 + (K/M)^2 92.9/92.2 %, 0.01 + K/M
+    91.8/91.7 %."""
     g, o, k = weight.shape
     d = spec.dim
     kp = -(-k // d) * d
@@ -129,7 +142,8 @@ def layer_state(
         hp[:, :k, :k] = hk
         idx = np.arange(kp)
         dead = np.concatenate([diag <= 0, np.ones((g, kp - k), bool)], axis=1)
-        hp[:, idx, idx] += np.where(dead, 1e-6, spec.damping) * mean[:, None]
+        load = spec.damping + (k / samples if samples else 0.0)
+        hp[:, idx, idx] += np.where(dead, 1e-6, load) * mean[:, None]
     else:
         raise ValueError(f"unknown objective {spec.objective}")
     rms = np.sqrt((w * w).mean(axis=2) * kp / max(k, 1))
