@@ -38,13 +38,16 @@ SHARED = "shared"
 """Name of the codebook set shared by every coded layer."""
 
 
-def additive_spec(config: Config, damping: float) -> AdditiveSpec:
+def additive_spec(config: Config, damping: float, bn_found: bool = True) -> AdditiveSpec:
     """The fit's spec from the config (defaults resolved)."""
     books, dim, code_bits = config.additive_shape()
+    objective = config.additive_objective
+    if objective == "auto":
+        objective = "output" if bn_found else "weight"
     return AdditiveSpec(
         books=books, target_bits=config.additive, code_bits=code_bits, dim=dim,
         layout=config.additive_layout,
-        objective=config.additive_objective, beam=config.additive_beam,
+        objective=objective, beam=config.additive_beam,
         rounds=config.additive_rounds, seed=config.seed,
         damping=damping if config.additive_damping is None else config.additive_damping,
         spread=0 if config.additive_books else config.additive_spread,
@@ -64,11 +67,12 @@ def solve_additive(
     pool: Executor,
     in_flight: int,
     damping: float,
+    bn_found: bool = True,
 ) -> tuple[dict[int, LayerSolution], dict[str, np.ndarray], dict, dict[int, tuple]]:
     """Every layer's solution, the codebooks by name, what the report shows, and how each
     layer is solved again on another problem (``Plan.jobs``, for the network-aware stage:
     codes and scales with the codebooks kept)."""
-    spec = additive_spec(config, damping)
+    spec = additive_spec(config, damping, bn_found)
     auto_load = config.additive_damping is None  # the load grows with K / samples
     recs = {r.index: r for r in analysis.active_layers}
     problems = dict(collector.problems())
@@ -109,6 +113,11 @@ def solve_additive(
         "books": spec.books, "min_books": spec.min_books, "dim": spec.dim,
         "code_bits": spec.code_bits,
         "bits": spec.bits, "scope": config.additive_scope, "objective": spec.objective,
+        "objective_why": (
+            "no BN statistics: the synthesized inputs are propagated noise, so the plain "
+            "weight error is fitted" if config.additive_objective == "auto" and not bn_found
+            else config.additive_objective
+        ),
         "layout": spec.layout, "beam": spec.beam, "rounds": spec.rounds,
         "coded_layers": len(with_codes), "int8_layers": len(int8),
         "history": history[SHARED],

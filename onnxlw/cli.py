@@ -170,9 +170,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bits per code, 2**bits codewords per codebook (default 8)")
     c.add_argument("--additive-scope", choices=("shared", "layer"), default="shared",
                    help="one codebook set for all layers, or one per layer (default shared)")
-    c.add_argument("--additive-objective", choices=("output", "weight"), default="output",
+    c.add_argument("--additive-objective", choices=("auto", "output", "weight"), default="auto",
                    help="fit each layer's output error on synthesized inputs, or the plain "
-                   "weight error (default output)")
+                   "weight error (default auto: output with BN statistics, weight without)")
     c.add_argument("--additive-layout", choices=("kernel", "channels"), default="kernel",
                    help="conv vectors along the weight's own (c, kh, kw) order, or along "
                    "input channels at one kernel position (default kernel)")

@@ -157,9 +157,11 @@ class Config:
     """Bits per code (2**bits codewords per codebook); codes are stored one byte each."""
     additive_scope: str = "shared"
     """``shared``: one codebook set for every coded layer; ``layer``: each its own."""
-    additive_objective: str = "output"
+    additive_objective: str = "auto"
     """``output``: each layer's output error on its synthesized inputs; ``weight``: the plain
-    weight error."""
+    weight error; ``auto``: output with BN statistics, weight without (propagated noise is no
+    model of the data: BN-folded MobileNetV2 at 4 bits measured −53.8 pt with output, −2.7
+    with weight; BN-folded ResNet-20 at 3 bits −0.6 / −3.6)."""
     additive_layout: str = "kernel"
     """Where conv vectors are cut: ``kernel`` (the weight's own (c, kh, kw) order: a 3x3
     kernel and a bit) or ``channels`` (consecutive input channels at one kernel position).
@@ -252,7 +254,7 @@ class Config:
                     )
             for name, value, allowed in (
                 ("additive_scope", self.additive_scope, ("shared", "layer")),
-                ("additive_objective", self.additive_objective, ("output", "weight")),
+                ("additive_objective", self.additive_objective, ("auto", "output", "weight")),
                 ("additive_layout", self.additive_layout, ("channels", "kernel")),
             ):
                 if value not in allowed:

@@ -86,7 +86,7 @@ def solve(
     try:
         if config.additive is not None:
             plan.layers, plan.codebooks, plan.meta["additive"], plan.jobs = solve_additive(
-                analysis, collector, config, pool, in_flight, damping
+                analysis, collector, config, pool, in_flight, damping, bn_found
             )
         elif config.size_budget is not None:
             if measure is None:

@@ -166,6 +166,7 @@ class Report:
                 f"dim {ad['dim']}; {mean:.2f} with padding and row scales), "
                 f"{ad['int8_layers']} layers at 8 bits; codebooks {ad['scope']}, "
                 f"{ad['objective']} error"
+                + (f" ({ad['objective_why']})" if "BN" in ad.get("objective_why", "") else "")
             )
             cs = self.codebook_storage
             if cs:

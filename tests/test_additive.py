@@ -356,3 +356,12 @@ def test_per_layer_books_are_allocated_over_all_layers() -> None:
     assert len(sets) == 3 and all(b.shape == (3, 16, 8) for b in sets)
     assert sum(lay.books for lay in lays) <= 6
     assert all(lay.codes.shape[0] == lay.books for lay in lays)
+
+
+def test_without_bn_statistics_auto_fits_the_weight_error_and_says_why() -> None:
+    _, rep = onnxlw.compress(M.bn_folded(), Config(additive=2, quantize=False, samples=8,
+                                                   additive_min_params=256))
+    assert rep.additive["objective"] == "weight"
+    assert "no BN statistics" in rep.summary()
+    _, rep = onnxlw.compress(model3(), Config(additive=2, quantize=False, **SMALL))
+    assert rep.additive["objective"] == "output"
