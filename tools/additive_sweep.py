@@ -38,11 +38,12 @@ INT4 = [
 
 
 def additive(bits: float, ablations: bool = False, qdq: bool = False) -> list[tuple[str, dict]]:
-    """Rows at ``bits``: shared books with the output objective; with ``ablations`` the plain
+    """Rows at ``bits``: shared books with the default objective (the output error with BN
+    statistics, the weight error without); with ``ablations`` the plain
     weight objective and per-layer books (16 codewords of dim 4: about the shared file's
     size; 256 codewords of dim 8: the same codes, each layer's books stored); with ``qdq``
     the W8A8 form."""
-    rows = [(f"additive {bits:g}, shared, output error", {"additive": bits, **FLOAT})]
+    rows = [(f"additive {bits:g}, shared, default objective", {"additive": bits, **FLOAT})]
     if ablations:
         rows += [
             (f"additive {bits:g}, shared, weight error",
