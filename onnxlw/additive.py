@@ -94,14 +94,11 @@ def solve_additive(
         states[i] = layer_state(p.weight.astype(np.float64), hessian(p, True), perm, spec,
                                 p.count if auto_load else None)
         problems[i] = dataclasses.replace(p, cov=None, x=None)  # the state holds H now
-    books: dict[str, np.ndarray] = {}
-    history: dict[str, list] = {}
     shared = config.additive_scope == "shared"
-    sets, history[SHARED] = fit([states[i] for i in with_codes], spec, mapper=pool.map,
-                                shared=shared) if with_codes else ([], [])
+    sets, history = fit([states[i] for i in with_codes], spec, mapper=pool.map,
+                        shared=shared) if with_codes else ([], [])
     names = {i: SHARED if shared else recs[i].node for i in with_codes}
-    for i, b in zip(with_codes, sets if not shared else sets * len(with_codes), strict=True):
-        books[names[i]] = b
+    books = {names[i]: sets[0 if shared else k] for k, i in enumerate(with_codes)}
     jobs: dict[int, tuple] = {i: (_q8_job, (q8,)) for i in int8}
     for i in with_codes:
         lay = states.pop(i)
@@ -120,7 +117,7 @@ def solve_additive(
         ),
         "layout": spec.layout, "beam": spec.beam, "rounds": spec.rounds,
         "coded_layers": len(with_codes), "int8_layers": len(int8),
-        "history": history[SHARED],
+        "history": history,
         "codebook_bytes": int(sum(2 * b.size for b in books.values())),  # float16
     }
     return dict(sorted(out.items())), books, meta, jobs

@@ -177,13 +177,9 @@ def _stored(
 
 def _codebook_storage(coded: list, plan: Plan) -> dict[str, Any]:
     """Additive storage: weights per form, their bytes before/after, the codebooks' bytes."""
-    if not coded:
+    out = _storage(coded)
+    if not out:
         return {}
-    out: dict[str, Any] = {"tensors": {}, "dense_bytes": 0, "stored_bytes": 0}
-    for c in coded:
-        out["tensors"][c.form] = out["tensors"].get(c.form, 0) + 1
-        out["dense_bytes"] += c.dense_bytes
-        out["stored_bytes"] += c.bytes
     out["codebook_bytes"] = int(sum(2 * b.size for b in plan.codebooks.values()))  # float16
     out["codebooks"] = len(plan.codebooks)
     return out
@@ -204,7 +200,7 @@ def _packed(packed: list) -> dict[str, Any]:
 
 
 def _storage(forms: list) -> dict[str, Any]:
-    """How pruned weights were stored: tensors per form and bytes before/after."""
+    """How pruned (or coded) weights were stored: tensors per form and bytes before/after."""
     if not forms:
         return {}
     out: dict[str, Any] = {"tensors": {}, "dense_bytes": 0, "stored_bytes": 0}

@@ -54,6 +54,15 @@ def correlated(o: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((1, o, k)), np.cov(x.T)[None]
 
 
+def prototypes() -> np.ndarray:
+    """Weights (1, 32, 64) whose 8-vectors are 4 prototypes, each row holding every one
+    twice (so the row scales are equal and the normalized vectors are 4 points)."""
+    proto = np.random.default_rng(4).standard_normal((4, 8))
+    rng = np.random.default_rng(5)
+    return np.stack([proto[rng.permutation(np.arange(8) % 4)] for _ in range(32)]).reshape(
+        1, 32, 64)
+
+
 def states(spec: AdditiveSpec, seed: int = 0) -> tuple[list, list]:
     probs = [correlated(32, 96, seed), correlated(48, 64, seed + 1)]
     return probs, [layer_state(w, h, np.arange(w.shape[2]), spec) for w, h in probs]
@@ -166,20 +175,24 @@ def as_matrix(op: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return w.T[None] if op == "MatMul" else w.reshape(shape)
 
 
+def assert_rebuilt_exactly(out: onnx.ModelProto, plan: Plan) -> None:
+    """Every layer's weight, as onnxruntime rebuilds it, equals the plan's bit for bit."""
+    names = weight_inputs(out)
+    got = rebuilt(out, [t for _, t in names.values()])
+    by_node = {n: i for i, n in plan.layer_names.items()}
+    for node, (op, tensor) in names.items():
+        sol = plan.layers[by_node[node]]
+        np.testing.assert_array_equal(as_matrix(op, got[tensor], sol.weight.shape), sol.weight)
+
+
 @pytest.mark.parametrize("layout", ["channels", "kernel"])
 def test_float_output_rebuilds_the_plan_weights_exactly(layout: str) -> None:
     model = model3()
     cfg = Config(additive=2, quantize=False, additive_layout=layout, **SMALL)
     out, rep = onnxlw.compress(model, cfg)
     plan = rep.plan
-    names = weight_inputs(out)
-    got = rebuilt(out, [t for _, t in names.values()])
-    by_node = {n: i for i, n in plan.layer_names.items()}
-    kinds = set()
-    for node, (op, tensor) in names.items():
-        sol = plan.layers[by_node[node]]
-        kinds.add(type(sol.encoding).__name__)
-        np.testing.assert_array_equal(as_matrix(op, got[tensor], sol.weight.shape), sol.weight)
+    assert_rebuilt_exactly(out, plan)
+    kinds = {type(sol.encoding).__name__ for sol in plan.layers.values()}
     assert kinds == {"CodebookRef", "QuantEncoding"}  # the first conv stays 8-bit
     # every float initializer left is small (biases, codebooks): no dead FP32 weights
     big = [t.name for t in out.graph.initializer
@@ -281,12 +294,7 @@ def test_small_codebooks_are_packed_and_rebuilt_exactly(code_bits: int) -> None:
     cfg = Config(additive=2, quantize=False, additive_code_bits=code_bits,
                  additive_dim=code_bits, additive_scope="layer", **SMALL)
     out, rep = onnxlw.compress(model, cfg)
-    names = weight_inputs(out)
-    got = rebuilt(out, [t for _, t in names.values()])
-    by_node = {n: i for i, n in rep.plan.layer_names.items()}
-    for node, (op, tensor) in names.items():
-        sol = rep.plan.layers[by_node[node]]
-        np.testing.assert_array_equal(as_matrix(op, got[tensor], sol.weight.shape), sol.weight)
+    assert_rebuilt_exactly(out, rep.plan)
     codes = sum(s.codes.size for s in (x.encoding for x in rep.plan.layers.values())
                 if isinstance(s, CodebookRef))
     stored = sum(t.ByteSize() for t in out.graph.initializer if t.name.endswith("_codes"))
@@ -304,12 +312,7 @@ def test_fractional_bits_mix_book_counts_by_sensitivity_and_meet_the_mean() -> N
     n = {i: s.weight.size for i, s in coded.items()}
     mean = sum(counts[i] * n[i] for i in coded) / sum(n.values())
     assert mean <= 2.5 + 1e-9
-    names = weight_inputs(out)
-    got = rebuilt(out, [t for _, t in names.values()])
-    by_node = {nm: i for i, nm in rep.plan.layer_names.items()}
-    for node, (op, tensor) in names.items():
-        sol = rep.plan.layers[by_node[node]]
-        np.testing.assert_array_equal(as_matrix(op, got[tensor], sol.weight.shape), sol.weight)
+    assert_rebuilt_exactly(out, rep.plan)
     assert sum("book" in t.name for t in out.graph.initializer) == 3  # the set, stored once
 
 
@@ -317,11 +320,8 @@ def test_allocation_gives_the_extra_book_where_it_pays() -> None:
     """Two layers of equal size; the second's vectors are 4 prototypes (two books already
     hold them): with room for one extra book, the first layer gets it."""
     spec = AdditiveSpec(books=3, target_bits=2.5 * 4 / 8, code_bits=4, dim=8, rounds=1, seed=3)
-    (w1, h1), (w2, h2) = correlated(32, 64, 1), correlated(32, 64, 2)
-    proto = np.random.default_rng(4).standard_normal((4, 8))
-    rng = np.random.default_rng(5)  # each row: every prototype twice (equal row scales)
-    w2 = np.stack([proto[rng.permutation(np.arange(8) % 4)] for _ in range(32)])
-    w2 = w2.reshape(1, 32, 64)
+    (w1, h1), (_, h2) = correlated(32, 64, 1), correlated(32, 64, 2)
+    w2 = prototypes()
     for order in ((0, 1), (1, 0)):  # not a matter of position
         pair = [(w1, h1), (w2, h2)]
         lays = [layer_state(*pair[i], np.arange(64), spec) for i in order]
@@ -336,11 +336,8 @@ def test_spread_lets_layers_take_one_book_less_or_more_within_the_mean() -> None
                         spread=1)
     assert (spec.min_books, spec.books) == (1, 3)
     (w1, h1), (_, h2) = correlated(32, 64, 1), correlated(32, 64, 2)
-    proto = np.random.default_rng(4).standard_normal((4, 8))
-    rng = np.random.default_rng(5)
-    w2 = np.stack([proto[rng.permutation(np.arange(8) % 4)] for _ in range(32)])
     lays = [layer_state(w1, h1, np.arange(64), spec),
-            layer_state(w2.reshape(1, 32, 64), h2, np.arange(64), spec)]
+            layer_state(prototypes(), h2, np.arange(64), spec)]
     fit(lays, spec)
     assert [lay.books for lay in lays] == [3, 1]
     assert [lay.codes.shape[0] for lay in lays] == [3, 1]
