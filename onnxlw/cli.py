@@ -241,6 +241,20 @@ def _parser() -> argparse.ArgumentParser:
         "for VNNI or ARM targets)",
     )
     c.add_argument(
+        "--equalize",
+        action=argparse.BooleanOptionalAction,
+        default=Config.equalize,
+        help="cross-layer equalization before the solve, ReLU6 kept exactly (needs BN "
+        "statistics)",
+    )
+    c.add_argument(
+        "--absorb-bias",
+        action=argparse.BooleanOptionalAction,
+        default=Config.absorb_bias,
+        help="high-bias absorption before the solve (needs BN statistics; approximate: exact "
+        "where a channel stays above mean - 3 std)",
+    )
+    c.add_argument(
         "--prune",
         metavar="SPARSITY|N:M",
         help="prune before quantizing: 0.5 zeroes 50 %% of all compressible weights (spread "
@@ -335,6 +349,8 @@ def _config(a: argparse.Namespace) -> Config:
         sidecar=not a.no_sidecar,
         exclude=tuple(a.exclude),
         saturation_guard=a.saturation_guard,
+        equalize=a.equalize,
+        absorb_bias=a.absorb_bias,
         workers=a.workers,
         executor=a.executor,
         memory_budget_mb=a.memory_budget,

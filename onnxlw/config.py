@@ -94,6 +94,13 @@ class Config:
     """Threads for the independent layer solves (results do not depend on it)."""
     saturation_guard: bool = True
     """Keep weight pairs within int16 for x86 u8s8 kernels without VNNI (VPMADDUBSW)."""
+    equalize: bool = False
+    """Cross-layer equalization before the solve (needs BN statistics): rescale the channels
+    between a conv and the one conv it feeds so that the per-tensor activation grid and the
+    consumer's weight rows suit every channel; ReLU6 kept exactly (passes/equalize.py)."""
+    absorb_bias: bool = False
+    """High-bias absorption before the solve (needs BN statistics): move the part of a
+    channel that is always on (mean - 3 std > 0) from a conv's bias into the next conv's."""
     validate_samples: int = 16
     """Synthetic inputs used to compare the output with the original in ``validate``."""
     max_positions: int = 4096
@@ -183,7 +190,6 @@ class Config:
     additive_min_params: int = 1024
     """Layers with fewer weights, or fewer inputs per row than two vectors (depthwise convs),
     keep 8-bit integer weights: the codes would save little and cost accuracy."""
-    """Store weights below 8 bits packed (b bits each), expanded to int8 at session start."""
 
     def __post_init__(self) -> None:
         for what, b in [("weight_bits", self.weight_bits)] + [

@@ -31,6 +31,7 @@ from .io import LoadedModel, load
 from .method import only_channels, refine, solve
 from .ortutil import release_memory
 from .passes import Canonical, canonicalize
+from .passes.equalize import equalize
 from .plan import Plan
 from .problems import StatsCollector
 from .report import make_report
@@ -224,11 +225,17 @@ def check_model(model: onnx.ModelProto, after: str) -> None:
 
 def precondition(canon: Canonical, config: Config, inputs: InputSpec) -> Canonical:
     """Passes that change the model before analysis: channel removal (``--prune
-    channels:F``). Function-preserving rescaling (cross-layer equalization) comes later."""
+    channels:F``), then cross-layer equalization and high-bias absorption (``--equalize``,
+    ``--absorb-bias``), which keep the function."""
     if config.prune is not None:
         target = parse_prune(config.prune)
         if target.kind == "channels":
-            return prune_channels(canon, inputs, config, target.sparsity)
+            canon = prune_channels(canon, inputs, config, target.sparsity)
+    if config.equalize or config.absorb_bias:
+        m, st, notes = equalize(
+            canon.model, canon.bn_stats, scale=config.equalize, absorb=config.absorb_bias
+        )
+        canon = canon.replace(model=m, bn_stats=st, notes=[*canon.notes, *notes])
     return canon
 
 

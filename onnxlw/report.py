@@ -199,6 +199,17 @@ class Report:
                     f"packed storage   : {sum(pk['tensors'].values())} tensors; "
                     f"{_mb(pk['dense_bytes'])} as int8 -> {_mb(pk['bytes'])} packed"
                 )
+        eq = [n for n in self.notes if n.get("pass_name") == "equalize"]
+        if eq:
+            fired = [n for n in eq if n["fired"]]
+            absorbed = sum(int(n["reason"].split(" channel biases")[0].rsplit(" ", 1)[-1])
+                           for n in fired if "channel biases absorbed" in n["reason"])
+            why = sorted({n["reason"] for n in eq if not n["fired"]})
+            lines.append(
+                f"preconditioning  : {len(fired)} conv pairs rescaled"
+                + (f", {absorbed} channel biases absorbed" if absorbed else "")
+                + (f"; {len(eq) - len(fired)} convs not ({'; '.join(why)})" if why else "")
+            )
         if self.network_aware is True:
             lines.append(
                 "network-aware    : each layer solved again on the compressed network's input"
@@ -293,6 +304,10 @@ def make_report(
         warnings.append(
             "no BatchNormalization statistics in the model (was BN folded at "
             f"export?); fallback {fallback}; {BN_EXPORT_HINT}"
+        )
+    if (config.equalize or config.absorb_bias) and not canon.bn_found:
+        warnings.append(
+            "--equalize/--absorb-bias did nothing: they need the BN statistics the model lacks"
         )
     floats = dict(analysis.float_outputs)
     layers = []

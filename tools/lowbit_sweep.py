@@ -11,7 +11,9 @@ median of 30 batch-1 runs alternated with the FP32 model, one intra-op thread; "
 QLinearConv against all convs after onnxruntime's optimization. The stages of the method are
 added one at a time on the in-run baseline, onnxlw's own round-to-nearest with min/max scales
 and no bias correction: + output-MSE scales, + bias correction, + GPTQ rounding (the default),
-and mixed precision under a size budget.
+and mixed precision under a size budget. The preconditioning rows add cross-layer equalization
+and high-bias absorption (``--equalize``, ``--absorb-bias``) to the default. A row listed twice
+(the default in two stage lists) runs once.
 """
 
 from __future__ import annotations
@@ -47,21 +49,28 @@ W5A5 = ("W5A5", {"weight_bits": 5, "act_bits": 5})
 W4A4 = ("W4A4", {"weight_bits": 4, "act_bits": 4})
 W8A8 = ("W8A8", {})
 SHORT = {"+ bias correction": {"rounding": "nearest"}, "+ GPTQ (default)": {}}
+PRECOND = {
+    "+ GPTQ (default)": {},
+    "+ equalization": {"equalize": True},
+    "+ equalization + bias absorption": {"equalize": True, "absorb_bias": True},
+}
+PRECOND8 = {"default": {}, **{k: v for k, v in PRECOND.items() if "GPTQ" not in k}}
 BUDGET = [("size 0.15", "mixed precision", {"size_budget": 0.15})]
 
 SWEEP: dict[str, list[tuple[str, str, dict]]] = {
     "mobilenetv2": [
-        ("W8A8", "default", {}),
+        *_rows([W8A8], PRECOND8),
         *_rows([W4A8], STAGES),
         *_rows([W6A6, W5A5, W4A4], SHORT),
+        *_rows([W4A8, W6A6], PRECOND),
         ("W6A8", "default", {"weight_bits": 6}),
         ("W8A6", "default", {"act_bits": 6}),
         *BUDGET,
     ],
-    "efficientnet_lite0": [("W8A8", "default", {}), *_rows([W4A8], SHORT),
-                           *_rows([W6A6], SHORT), *BUDGET],
+    "efficientnet_lite0": [*_rows([W8A8], PRECOND8), *_rows([W4A8], SHORT),
+                           *_rows([W6A6], SHORT), *_rows([W4A8, W6A6], PRECOND), *BUDGET],
     "resnet56_cifar10": [("W8A8", "default", {}), *_rows([W4A8], STAGES),
-                         *_rows([W6A6, W4A4], SHORT), *BUDGET],
+                         *_rows([W6A6, W4A4], SHORT), *_rows([W4A8], PRECOND), *BUDGET],
     "resnet20_cifar10": [*_rows([W4A8], SHORT), ("W3A8", "default", {"weight_bits": 3}),
                          *BUDGET],
     "mobilenetv2_bnfolded": [*_rows([W4A8], SHORT), *BUDGET],
@@ -74,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="shared folder")
     ap.add_argument("--out-md", type=Path, required=True, help="write the Markdown table here")
     ap.add_argument("--models", default=",".join(SWEEP), help="comma-separated model stems")
+    ap.add_argument("--stages", default="", help="comma-separated substrings: only the rows "
+                    "whose stage contains one (default: every row)")
     a = ap.parse_args(argv)
     lines = [
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
@@ -87,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             bench = Bench(a.shared, model)
-            for bits, stage, kw in SWEEP[model]:
+            rows = dict.fromkeys((b, s_, tuple(sorted(kw.items()))) for b, s_, kw in SWEEP[model])
+            for bits, stage, kw_items in rows:
+                kw = dict(kw_items)
+                if a.stages and not any(x in stage for x in a.stages.split(",")):
+                    continue
                 row = bench.run(Config.from_dict({"seed": 0, **kw}), Path(tmp))
                 done = [r for r in row.report.layers if r.skipped is None]
                 wbits = sum(r.params * r.stats.get("bits", 8) for r in done) / sum(

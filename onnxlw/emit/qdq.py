@@ -76,7 +76,7 @@ def emit_qdq(canon: Canonical, analysis: Analysis, plan: Plan) -> onnx.ModelProt
     view = GraphView(model)
     alloc = NameAllocator(model)
     inits: list[onnx.TensorProto] = list(model.graph.initializer)
-    absorbed = {qt.absorbed_node for qt in analysis.qtensors.values() if qt.absorbed_node}
+    absorbed = {n for qt in analysis.qtensors.values() for n in qt.absorbed}
     rewire: dict[str, str] = {}  # FP tensor -> its dequantized replacement for consumers
     after: dict[str, list[onnx.NodeProto]] = {}  # producer-output -> Q/DQ nodes to insert
     head: list[onnx.NodeProto] = []

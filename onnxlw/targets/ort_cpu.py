@@ -95,7 +95,7 @@ class QTensor:
     hi_bound: float | None = None
     same_as: str | None = None
     pre: str | None = None
-    absorbed_node: str | None = None
+    absorbed: tuple[str, ...] = ()
 
 
 def u8s8_pair_order(rec: LayerRecord) -> np.ndarray | None:
@@ -129,6 +129,17 @@ def absorbable(act: onnx.NodeProto, view: GraphView) -> tuple[float, float] | No
     if len(act.input) > 2 and act.input[2] and hi is None:
         return None
     return 0.0, float(hi) if hi is not None else float("inf")
+
+
+def channel_clip(node: onnx.NodeProto, view: GraphView) -> float | None:
+    """min(c) if ``node`` is Min(x, c) with a positive constant ``c`` (a per-channel clip),
+    which a Q whose range tops out at or below min(c) makes a no-op."""
+    if node.op_type != "Min" or len(node.input) != 2:
+        return None
+    c = view.const_or_none(node.input[1])
+    if c is None or c.size == 0 or float(np.min(c)) <= 0:
+        return None
+    return float(np.min(c))
 
 
 def is_head(t: str, view: GraphView, depth: int = 12) -> bool:
@@ -174,12 +185,16 @@ def activation_plan(
             return
         act = view.single_consumer(t)
         bounds = absorbable(act, view) if act is not None else None
-        if act is not None and bounds is not None and want(act.output[0], allow_output):
-            q[act.output[0]] = QTensor(
-                act.output[0], bounds[0], bounds[1], pre=t, absorbed_node=act.name
-            )
-        else:
-            q[t] = QTensor(t)
+        if act is not None and bounds is not None:
+            nodes, hi = (act.name,), bounds[1]
+            clip = view.single_consumer(act.output[0])
+            top = channel_clip(clip, view) if clip is not None else None
+            if top is not None:  # Relu -> Min(c): an equalized ReLU6 (passes/equalize.py)
+                act, nodes, hi = clip, (*nodes, clip.name), min(hi, top)
+            if want(act.output[0], allow_output):
+                q[act.output[0]] = QTensor(act.output[0], bounds[0], hi, pre=t, absorbed=nodes)
+                return
+        q[t] = QTensor(t)
 
     by_node = {r.node: r for r in layers}
     for n in view.nodes:
