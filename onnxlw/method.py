@@ -24,7 +24,7 @@ from .analyze import Analysis
 from .config import Config, parse_prune
 from .errors import OnnxlwError
 from .graph import GraphView
-from .io import LoadedModel
+from .io import LoadedModel, default_opset
 from .passes import Canonical
 from .plan import Plan
 from .problems import StatsCollector, layer_matrix, sample_columns
@@ -93,7 +93,7 @@ def solve(
                 raise ValueError("size_budget needs measure")
             plan.layers = _mixed_all(
                 analysis, collector, config, specs, pool, in_flight, plan, measure,
-                loaded.model.ByteSize(),
+                loaded.model.ByteSize(), default_opset(loaded.model),
             )
         elif config.prune is None or parse_prune(config.prune).kind == "channels":
             jobs = ((i, (p, specs[i])) for i, p in collector.problems())
@@ -128,11 +128,19 @@ def layer_specs(
     return out
 
 
-BIT_CHOICES = (2, 4, 8)
-"""Weight widths the size-budget allocation picks from: the widths onnxlw stores in fewer
-bytes than the next one up (3 bits are stored as 4, 5-7 as 8; see targets.ort_cpu.stored_bits)."""
+BIT_CHOICES = (2, 3, 4, 5, 6, 8)
+"""Weight widths the size-budget allocation picks from (7 bits saves an eighth of 8 and is
+rarely worth its solve). Below opset 14 only the widths stored in fewer bytes than the next
+one up count: 2, 4 and 8 (see targets.ort_cpu.stored_bits)."""
 BUDGET_ROUNDS = 6
 """Allocate → solve → emit → measure rounds before giving up on a budget."""
+
+
+def bit_choices(opset: int) -> tuple[int, ...]:
+    """The widths of BIT_CHOICES worth choosing at ``opset``: for each stored size, the
+    widest width stored in it ((2, 4, 8) below opset 14, all of them from 14)."""
+    sizes = sorted({stored_bits(b, opset) for b in BIT_CHOICES})
+    return tuple(max(b for b in BIT_CHOICES if stored_bits(b, opset) == s) for s in sizes)
 
 
 def _mixed_all(
@@ -145,11 +153,12 @@ def _mixed_all(
     plan: Plan,
     measure: Callable[[Plan], int],
     size_in: int,
+    opset: int,
 ) -> dict[int, LayerSolution]:
     """Mixed precision under ``config.size_budget`` (a fraction of the input file's bytes).
 
-    Each layer's relative output error at every width of ``BIT_CHOICES`` is measured on its
-    synthesized input statistics (round-to-nearest with the output-MSE scales, 10^(-SQNR/10));
+    Each layer's relative output error at every width of ``bit_choices(opset)`` is measured on
+    its synthesized input statistics (round-to-nearest with the output-MSE scales, 10^(-SQNR/10));
     :func:`allocate_bits` picks the widths for a byte budget of the packed weights; the layers
     are then solved at their widths (GPTQ below 8 bits), the model is emitted and its bytes
     measured. While it is over the budget, the weight budget shrinks by the excess and the
@@ -163,12 +172,13 @@ def _mixed_all(
     }
     errors: dict[int, dict[int, float]] = {i: {} for i in problems}
     costs: dict[int, dict[int, float]] = {}
+    choices = bit_choices(opset)
     for i, p in problems.items():
         n = int(p.weight.size)
-        widths = (specs[i].bits,) if i in fixed else BIT_CHOICES
-        costs[i] = {b: float(-(-n * stored_bits(b) // 8)) for b in widths}
+        widths = (specs[i].bits,) if i in fixed else choices
+        costs[i] = {b: float(-(-n * stored_bits(b, opset) // 8)) for b in widths}
     solved: dict[tuple[int, int], LayerSolution] = {}
-    for b in BIT_CHOICES:
+    for b in choices:
         todo = [i for i in problems if b in costs[i]]
         curve = {i: dataclasses.replace(specs[i], bits=b, rounding="nearest") for i in todo}
         jobs = ((i, (problems[i], curve[i])) for i in todo)

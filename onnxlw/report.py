@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .io import default_opset
+from .targets.ort_cpu import PLANES_OPSET
 from .validate import Validation
 
 if TYPE_CHECKING:
@@ -331,6 +333,18 @@ def make_report(
             lr.saturation_fixes = int(st.get("saturation_fixes", 0))
             lr.bias_scale_fixes = int(st.get("bias_scale_fixes", 0))
         layers.append(lr)
+    unpacked = sorted({
+        int(sol.stats["bits"]) for sol in plan.layers.values()
+        if int(sol.stats.get("bits", 8)) not in (2, 4, 8)
+    })
+    opset = default_opset(loaded.model)
+    if unpacked and config.pack_weights and opset < PLANES_OPSET:
+        warnings.append(
+            f"opset {opset}: {'/'.join(map(str, unpacked))}-bit weights are stored as "
+            f"{'4' if unpacked == [3] else 'int8 (3 as 4)'} bits, not packed: the bit planes "
+            f"need opset {PLANES_OPSET} (int8 Add); export the model at opset "
+            f"{PLANES_OPSET} or higher for the smaller file"
+        )
     if floats:
         warnings.append(
             f"{len(floats)} head conv output(s) left in float (they reach a graph output "

@@ -22,13 +22,15 @@ from onnxlw.solve.aware import network_aware
 from onnxlw.solve.problem import LayerProblem, QuantSpec
 from onnxlw.solve.rounding import gptq_levels
 from onnxlw.solve.weights import solve_weights
+from onnxlw.targets.ort_cpu import bit_planes
+from onnxlw.targets.probe import qdq_conv
 
 CFG = Config(samples=8)
 
 
-def wide(seed: int = 7) -> onnx.ModelProto:
+def wide(seed: int = 7, opset: int = 17) -> onnx.ModelProto:
     """conv-bn-relu 3->32, conv-bn-relu 32->64, conv-bn-relu 64->64: 57k weights."""
-    b = M.Builder(seed, 17)
+    b = M.Builder(seed, opset)
     y = b.conv_bn_relu("input", 3, 32)
     y = b.conv_bn_relu(y, 32, 64)
     y = b.conv_bn_relu(y, 64, 64)
@@ -124,37 +126,38 @@ def test_network_aware_weight_undoes_a_known_input_distortion() -> None:
 # ------------------------------------------------------------------------------ storage
 
 
-def _qdq_conv(levels: np.ndarray) -> onnx.ModelProto:
-    """x -> Q/DQ -> Conv(DQ(int8 levels)) -> Q/DQ: one QLinearConv once optimized."""
-    from onnxlw.targets.probe import qdq_conv
-
-    return qdq_conv(levels)
-
-
-@pytest.mark.parametrize(("bits", "stored"), [(2, 2), (3, 4), (4, 4)])
-def test_packed_weights_expand_exactly_and_still_fuse(bits: int, stored: int) -> None:
+@pytest.mark.parametrize(
+    ("bits", "opset", "stored"),
+    [(2, 13, 2), (3, 13, 4), (4, 13, 4), (3, 14, 3), (5, 14, 5), (6, 17, 6), (7, 17, 7)],
+)
+def test_packed_weights_expand_exactly_and_still_fuse(bits: int, opset: int, stored: int) -> None:
+    """Every width below 8 is packed in bit planes from opset 14 (int8 Add); below it only the
+    single-plane widths, 3 bits as 4."""
     rng = np.random.default_rng(bits)
     hi = 2 ** (bits - 1) - 1
-    levels = rng.integers(-hi - 1, hi + 1, (61, 37, 3, 3))  # odd count: a padded last byte
-    m = _qdq_conv(levels)
+    levels = rng.integers(-hi - 1, hi + 1, (97, 61, 3, 3))  # odd count: a padded last byte
+    levels.flat[:2] = [-hi - 1, hi]  # both ends of the range
+    m = qdq_conv(levels, opset=opset)
     out, packed = pack_lowbit(m)
     assert [p.bits for p in packed] == [stored] and level_bits(levels) == bits
-    assert out.ByteSize() < m.ByteSize() - levels.size * (8 - stored) / 8 + 2000  # + table
+    tables = 2500 * len(bit_planes(stored))  # a 256-entry table and four nodes per plane
+    assert out.ByteSize() < m.ByteSize() - levels.size * (8 - stored) / 8 + tables
     onnx.checker.check_model(out)
-    x = rng.standard_normal((1, 37, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((1, 61, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(session(out).run(None, {"x": x})[0],
                                   session(m).run(None, {"x": x})[0])
     assert fused_conv_counts(out) == fused_conv_counts(m) == (1, 0)
 
 
 def test_five_to_eight_bit_levels_and_packing_that_does_not_pay_stay_int8() -> None:
-    """5-7 bits stay int8: their unpacking would cost gigabytes at session start (measured on
-    ResNet-50); a tiny tensor stays int8 because the subgraph would outweigh it."""
+    """Below opset 14 (no int8 Add) 5-7 bits stay int8; 8 bits always; a tiny tensor stays int8
+    because the subgraph would outweigh it."""
     rng = np.random.default_rng(0)
-    for levels in (rng.integers(-127, 128, (64, 32, 3, 3)), rng.integers(-31, 32, (64, 32, 3, 3)),
-                   rng.integers(-7, 8, (8, 4, 3, 3))):
-        out, packed = pack_lowbit(_qdq_conv(levels))
-        assert packed == [] and out.ByteSize() == _qdq_conv(levels).ByteSize()
+    for levels, opset in ((rng.integers(-127, 128, (64, 32, 3, 3)), 17),
+                          (rng.integers(-31, 32, (64, 32, 3, 3)), 13),
+                          (rng.integers(-7, 8, (8, 4, 3, 3)), 17)):
+        out, packed = pack_lowbit(qdq_conv(levels, opset=opset))
+        assert packed == [] and out.ByteSize() == qdq_conv(levels, opset=opset).ByteSize()
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -175,6 +178,25 @@ def test_w4a8_through_the_pipeline_is_packed_fused_and_equals_the_unpacked_model
                                   session(plain).run(None, feeds)[0])
     assert fused_conv_counts(out) == (3, 0)
     assert "weight bits      : 3 at 4" in rep.summary()
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_six_bit_weights_are_packed_in_bit_planes_from_opset_14(opset: int) -> None:
+    m = wide(opset=opset)
+    cfg = dataclasses.replace(CFG, weight_bits=6)
+    out, rep = onnxlw.compress(m, cfg)
+    plain, _ = onnxlw.compress(m, dataclasses.replace(cfg, pack_weights=False))
+    feeds = M.random_feeds(m, batch=2)
+    np.testing.assert_array_equal(session(out).run(None, feeds)[0],
+                                  session(plain).run(None, feeds)[0])
+    assert fused_conv_counts(out) == (3, 0)
+    if opset >= 14:
+        assert rep.packed["tensors"] == {"6": 3}
+        assert out.ByteSize() < 0.85 * plain.ByteSize()
+        assert not any("opset" in w for w in rep.warnings)
+    else:  # stored as int8, and the report says why and what to do
+        assert not rep.packed and abs(out.ByteSize() - plain.ByteSize()) < 16  # options differ
+        assert any("opset 13: 6-bit weights are stored as int8" in w for w in rep.warnings)
 
 
 def test_act_bits_clip_the_levels_and_keep_convs_fused() -> None:

@@ -1,14 +1,15 @@
-"""Store 2- and 4-bit integer weights packed, expanded to int8 at session start.
+"""Store 2- to 7-bit integer weights packed, expanded to int8 at session start.
 
 A weight quantized to b < 8 bits is an int8 tensor in the QDQ graph (onnxruntime's
 QLinearConv takes int8 weights; an int4 DequantizeLinear before a Conv is not fused). Stored
 as int8 it weighs as much as an 8-bit one. This stage rewrites every int8 initializer read by
-a DequantizeLinear whose levels fit in 2 or 4 bits (3-bit levels are stored as 4; see
-:func:`onnxlw.targets.ort_cpu.stored_bits`) as bytes holding 4 or 2 offset-binary values, plus
-a constant subgraph that rebuilds it:
+a DequantizeLinear whose levels fit in b < 8 bits as b bits per weight, in bit planes of 4, 2
+or 1 bits (5 bits = a 4-bit and a 1-bit plane; see :func:`onnxlw.targets.ort_cpu.stored_bits`;
+below opset 14 only 2 and 4 bits, 3 stored as 4), plus a constant subgraph that rebuilds it:
 
-    bytes → Cast(int32) → Gather(a 256-entry table of the values each byte holds) → Reshape
-          → Slice (per tensor) → Reshape
+    per plane: bytes → Cast(int32) → Gather(a 256-entry table of the values each byte holds,
+               shifted into place) → Reshape → Slice
+    planes → Add (int8) → Slice (per tensor) → Reshape
 
 All tensors of one width share one expansion. onnxruntime constant-folds it at session start
 (its temporaries are a few bytes per weight), so the DequantizeLinear reads an int8
@@ -29,7 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import NameAllocator
-from ..targets.ort_cpu import stored_bits
+from ..io import default_opset
+from ..targets.ort_cpu import bit_planes, stored_bits
 
 MIN_ELEMENTS = 64
 """Smaller tensors stay int8."""
@@ -65,6 +67,7 @@ def pack_lowbit(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Packed]]:
     g = out.graph
     dq_inputs = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
     alloc = NameAllocator(out)
+    opset = default_opset(out)
     keep: list[onnx.TensorProto] = []
     groups: dict[int, list[list[tuple[str, np.ndarray]]]] = {}
     packed: list[Packed] = []
@@ -73,7 +76,7 @@ def pack_lowbit(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Packed]]:
             keep.append(t)
             continue
         a = numpy_helper.to_array(t)
-        b = stored_bits(level_bits(a))
+        b = stored_bits(level_bits(a), opset)
         if a.size < MIN_ELEMENTS or b >= 8:
             keep.append(t)
             continue
@@ -135,40 +138,60 @@ def slice_members(
 def _expansion(
     members: list[tuple[str, np.ndarray]], b: int, alloc: NameAllocator
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Packed bytes of every member (int8 levels fitting in ``b`` = 2 or 4 bits,
-    concatenated; the first value of a byte in its high bits) and the nodes that rebuild each
-    one."""
-    per = 8 // b
+    """Packed bit planes of every member (int8 levels fitting in ``b`` bits, concatenated;
+    see :func:`~onnxlw.targets.ort_cpu.bit_planes`) and the nodes that rebuild each one.
+
+    A level v is stored offset-binary, u = v + 2**(b-1), split into planes of 4, 2 or 1 bits
+    (highest bits first); each plane holds 8 / width values per byte, the first in the byte's
+    high bits. A plane's 256-entry int8 table maps a byte to its values already shifted into
+    place (the first plane's table also subtracts the offset), so the planes add up to v in
+    int8 without overflow."""
     flat = np.concatenate([a.ravel().astype(np.int16) for _, a in members])
     starts = list(np.cumsum([0] + [a.size for _, a in members[:-1]]).astype(int))
     n = flat.size
     off = 2 ** (b - 1)
-    u = np.full(-(-n // per) * per, off, np.uint16)  # padding holds level 0
-    u[:n] = flat + off
-    shifts = (8 - b * np.arange(1, per + 1)).astype(np.uint16)  # (per,)
-    data = (u.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8)
-    table = ((np.arange(256, dtype=np.int16)[:, None] >> shifts.astype(np.int16))
-             & (2**b - 1)) - off  # (256, per): the values each byte holds
+    u = (flat + off).astype(np.uint16)
 
     def nm(base: str) -> str:
         return alloc.fresh(f"onnxlw_w{b}__{base}")
 
-    c = {k: nm(k) for k in ("bytes", "table", "flat", "zero", "n")}
+    c = {k: nm(k) for k in ("flat", "zero", "n")}
     inits = [
-        numpy_helper.from_array(data, c["bytes"]),
-        numpy_helper.from_array(table.astype(np.int8), c["table"]),
         numpy_helper.from_array(np.array([-1], np.int64), c["flat"]),
         numpy_helper.from_array(np.array([0], np.int64), c["zero"]),
         numpy_helper.from_array(np.array([n], np.int64), c["n"]),
     ]
-    t = {k: nm(k) for k in ("i32", "pairs", "padded", "levels")}
-    nodes = [
-        helper.make_node("Cast", [c["bytes"]], [t["i32"]], to=TensorProto.INT32),
-        helper.make_node("Gather", [c["table"], t["i32"]], [t["pairs"]], axis=0),
-        helper.make_node("Reshape", [t["pairs"], c["flat"]], [t["padded"]]),
-        helper.make_node("Slice", [t["padded"], c["zero"], c["n"]], [t["levels"]]),
-    ]
+    nodes: list[onnx.NodeProto] = []
+    planes: list[str] = []
+    shift = b
+    for k, w in enumerate(bit_planes(b)):
+        shift -= w
+        per = 8 // w
+        vals = np.zeros(-(-n // per) * per, np.uint16)  # padding is cut off by the Slice
+        vals[:n] = (u >> shift) & (2**w - 1)
+        pos = (8 - w * np.arange(1, per + 1)).astype(np.uint16)  # (per,)
+        data = (vals.reshape(-1, per) << pos).sum(axis=1).astype(np.uint8)
+        table = ((np.arange(256, dtype=np.int16)[:, None] >> pos.astype(np.int16))
+                 & (2**w - 1)) << shift  # (256, per): each byte's values, shifted in place
+        if k == 0:
+            table = table - off
+        bn, tn = nm(f"plane{k}_bytes"), nm(f"plane{k}_table")
+        inits += [numpy_helper.from_array(data, bn),
+                  numpy_helper.from_array(table.astype(np.int8), tn)]
+        t = {x: nm(f"plane{k}_{x}") for x in ("i32", "vals", "padded", "levels")}
+        nodes += [
+            helper.make_node("Cast", [bn], [t["i32"]], to=TensorProto.INT32),
+            helper.make_node("Gather", [tn, t["i32"]], [t["vals"]], axis=0),
+            helper.make_node("Reshape", [t["vals"], c["flat"]], [t["padded"]]),
+            helper.make_node("Slice", [t["padded"], c["zero"], c["n"]], [t["levels"]]),
+        ]
+        planes.append(t["levels"])
+    levels = planes[0]
+    for k, plane in enumerate(planes[1:], 1):
+        summed = nm(f"sum{k}")
+        nodes.append(helper.make_node("Add", [levels, plane], [summed]))
+        levels = summed
     for node in nodes:
         node.name = alloc.fresh(f"onnxlw_w{b}__{node.op_type}")
-    si, sn = slice_members(members, starts, t["levels"], alloc)
+    si, sn = slice_members(members, starts, levels, alloc)
     return inits + si, nodes + sn

@@ -156,10 +156,27 @@ def _upper(act: onnx.NodeProto, view: GraphView) -> float | None:
 
 
 def absorbed_bias(mu: np.ndarray, sigma: np.ndarray, pair: Pair) -> np.ndarray:
-    """b (C,) >= 0 that high-bias absorption moves from P to C (zeros where it cannot)."""
+    """b (C,) >= 0 that high-bias absorption moves from P to C (zeros where it cannot).
+
+    Channels that reach the activation's upper clip (mean + K_SIGMA std >= hi) keep their
+    bias: for them the clip, not the bias, sets the range (a ReLU6 channel stuck at 6 would
+    otherwise be left with a clip at 0)."""
     if pair.act is None or pair.padded:
         return np.zeros_like(mu)
-    return np.maximum(mu - ABSORB_SIGMA * sigma, 0.0)
+    return np.where(mu + K_SIGMA * sigma < pair.hi, np.maximum(mu - ABSORB_SIGMA * sigma, 0.0),
+                    0.0)
+
+
+def keep_clips_above_range(
+    s: np.ndarray, top: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """``s`` (C,) lowered where a channel's clip hi_i / s_i would fall below the largest
+    scaled range top max_j top_j / s_j: the Q clips the whole tensor at min_i hi_i / s_i, so
+    no channel's clip may cut another channel's range (all arrays (C,); ``hi`` may be inf)."""
+    r = float(np.max(top / s))
+    if r <= 0:
+        return s
+    return np.minimum(s, np.where(np.isfinite(hi), hi / r, np.inf))
 
 
 def channel_scales(
@@ -212,6 +229,8 @@ def equalize(
             s = channel_scales(mu - shift, sigma, hi, w_col)
         else:
             s = np.ones(c)
+        top = np.minimum(hi, np.maximum(mu - shift + K_SIGMA * sigma, 0.0))
+        s = keep_clips_above_range(s, top, hi)
         if shift.any():  # C sees x - shift: its bias takes C(shift) (unpadded, so exact)
             per = w2.reshape(w2.shape[0], -1, int(np.prod(w2.shape[2:]))).sum(axis=2)
             b2 = b2 + (per[:, 0] * shift if p.depthwise else per @ shift)

@@ -58,20 +58,37 @@ def weight_dtype(bits: int, opset: int) -> type:
     raise ValueError(f"{bits}-bit weights are not supported by this target (opset {opset})")
 
 
-def stored_bits(bits: int) -> int:
-    """Bits a weight of ``bits`` levels takes in the file: packed 4 or 2 to a byte at 2 and 4
-    bits (3 bits are stored as 4), plain int8 from 5 bits up.
+PLANES_OPSET = 14
+"""First opset whose Add takes int8: widths that do not divide a byte are stored as bit
+planes summed in int8 from here on."""
 
-    The packed form is expanded at session start by a 256-entry lookup per byte (Gather), whose
-    temporaries are a few bytes per weight. A general b-bit unpacking needs per-bit integer
-    tensors that onnxruntime's constant folding keeps until it finishes: measured on ResNet-50
-    at 4 bits, 2.9 GB and 4.4 s at session start against 0.1 GB and 0.2 s for int8, so widths
-    that do not divide a byte are not packed."""
-    if bits <= 2:
-        return 2
-    if bits <= 4:
-        return 4
-    return 8
+
+def bit_planes(bits: int) -> tuple[int, ...]:
+    """Plane widths (each 1, 2 or 4 bits, so whole values fit in a byte) that store a
+    ``bits``-bit weight, widest first: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1."""
+    out, left = [], bits
+    for w in (4, 2, 1):
+        if left >= w:
+            out.append(w)
+            left -= w
+    return tuple(out)
+
+
+def stored_bits(bits: int, opset: int = PLANES_OPSET) -> int:
+    """Bits a weight of ``bits`` levels takes in the file.
+
+    Each width is stored as bit planes of 4, 2 or 1 bits (:func:`bit_planes`), each expanded
+    at session start by a 256-entry lookup per byte (Gather) and summed in int8. The
+    temporaries are about a byte per weight per plane. A general b-bit unpacking needs per-bit
+    integer tensors that onnxruntime's constant folding keeps until it finishes: measured on
+    ResNet-50 at 4 bits, 2.9 GB and 4.4 s at session start against 0.1 GB and 0.2 s for int8.
+    Below opset 14 (no int8 Add) only the single-plane widths 2 and 4 are packed: 3 bits are
+    stored as 4 and 5-7 as 8."""
+    if bits >= 8:
+        return 8
+    if opset >= PLANES_OPSET:
+        return max(bits, 2)
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
 def act_levels(bits: int) -> int:

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import OnnxlwError
 
 
-def qdq_conv(levels: np.ndarray, clip: int | None = None) -> onnx.ModelProto:
+def qdq_conv(levels: np.ndarray, clip: int | None = None, opset: int = 13) -> onnx.ModelProto:
     """x -> Q (-> uint8 Clip to [0, clip]) -> DQ -> Conv(DQ(int8 ``levels``)) -> Q -> DQ: one
     QLinearConv once onnxruntime optimizes it. ``levels`` (O, C, 3, 3); input (1, C, 8, 8)."""
     o, c = levels.shape[:2]
@@ -49,12 +49,13 @@ def qdq_conv(levels: np.ndarray, clip: int | None = None) -> onnx.ModelProto:
         nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, o, 8, 8])], inits,
     )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
 
 def _probe_model() -> onnx.ModelProto:
-    levels = np.random.default_rng(0).integers(-7, 8, (64, 64, 3, 3))
-    return qdq_conv(levels, clip=15)
+    """5-bit weights (a 4-bit and a 1-bit plane summed in int8) and a 4-bit activation clip."""
+    levels = np.random.default_rng(0).integers(-16, 16, (64, 64, 3, 3))
+    return qdq_conv(levels, clip=15, opset=14)
 
 
 @functools.cache
