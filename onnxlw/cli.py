@@ -242,10 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--equalize",
-        action=argparse.BooleanOptionalAction,
+        choices=["auto", "on", "off"],
         default=Config.equalize,
         help="cross-layer equalization before the solve, ReLU6 kept exactly (needs BN "
-        "statistics)",
+        "statistics); auto: on when weights go below 8 bits (default: %(default)s)",
     )
     c.add_argument(
         "--absorb-bias",

@@ -231,9 +231,9 @@ def precondition(canon: Canonical, config: Config, inputs: InputSpec) -> Canonic
         target = parse_prune(config.prune)
         if target.kind == "channels":
             canon = prune_channels(canon, inputs, config, target.sparsity)
-    if config.equalize or config.absorb_bias:
+    if config.equalizes or config.absorb_bias:
         m, st, notes = equalize(
-            canon.model, canon.bn_stats, scale=config.equalize, absorb=config.absorb_bias
+            canon.model, canon.bn_stats, scale=config.equalizes, absorb=config.absorb_bias
         )
         canon = canon.replace(model=m, bn_stats=st, notes=[*canon.notes, *notes])
     return canon

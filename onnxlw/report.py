@@ -307,9 +307,13 @@ def make_report(
             "no BatchNormalization statistics in the model (was BN folded at "
             f"export?); fallback {fallback}; {BN_EXPORT_HINT}"
         )
-    if (config.equalize or config.absorb_bias) and not canon.bn_found:
+    if (config.equalize == "on" or config.absorb_bias) and not canon.bn_found:
         warnings.append(
             "--equalize/--absorb-bias did nothing: they need the BN statistics the model lacks"
+        )
+    elif config.equalizes and not canon.bn_found:
+        warnings.append(
+            "cross-layer equalization (on below 8 bits) skipped: it needs BN statistics"
         )
     floats = dict(analysis.float_outputs)
     layers = []

@@ -94,12 +94,15 @@ def test_saturating_channels_share_the_largest_scale() -> None:
 
 def test_equalized_model_fuses_every_conv_and_drops_the_min() -> None:
     model = block()
-    base, _ = compress(model, Config(weight_bits=4, samples=32))
-    out, rep = compress(model, Config(weight_bits=4, samples=32, equalize=True))
+    base, _ = compress(model, Config(weight_bits=4, samples=32, equalize="off"))
+    out, rep = compress(model, Config(weight_bits=4, samples=32))  # equalize auto: on
     assert fused_conv_counts(out) == fused_conv_counts(base) == (4, 0)
     assert not any(n.op_type == "Min" for n in out.graph.node)
     assert any(n["pass_name"] == "equalize" and n["fired"] for n in rep.notes)
     assert rep.validation.sqnr_db > 15
+    # W8A8 keeps the model as it was (equalization off by default at 8 bits)
+    _, rep8 = compress(model, Config(samples=32))
+    assert not any(n["pass_name"] == "equalize" for n in rep8.notes)
 
 
 def test_high_bias_absorption_moves_the_always_on_part_and_skips_padded_consumers() -> None:
@@ -131,8 +134,25 @@ def test_no_bn_statistics_no_pair_with_the_reason() -> None:
 def test_cli_flags_reach_the_config() -> None:
     from onnxlw.cli import _config, _parser
 
-    a = _parser().parse_args(["compress", "m.onnx", "-o", "o.onnx", "--equalize",
-                                   "--absorb-bias"])
+    a = _parser().parse_args(["compress", "m.onnx", "-o", "o.onnx", "--equalize", "on",
+                              "--absorb-bias"])
     cfg = _config(a)
-    assert cfg.equalize and cfg.absorb_bias
+    assert cfg.equalizes and cfg.absorb_bias
     assert not Config().absorb_bias
+
+
+@pytest.mark.parametrize(
+    ("kw", "on"),
+    [({}, False), ({"weight_bits": 4}, True), ({"act_bits": 6}, False),
+     ({"size_budget": 0.2}, True), ({"weight_bits": 4, "equalize": "off"}, False),
+     ({"equalize": "on"}, True), ({"additive": 3.0}, False)],
+)
+def test_equalization_is_on_by_default_only_below_8_bit_weights(kw: dict, on: bool) -> None:
+    assert Config(**kw).equalizes is on
+
+
+def test_an_unknown_equalize_value_is_refused() -> None:
+    from onnxlw.errors import OnnxlwError
+
+    with pytest.raises(OnnxlwError, match="equalize"):
+        Config(equalize="yes")

@@ -10,10 +10,10 @@ evaluation images (ImageNet sample images: all 1000; CIFAR-10: an even 2000). La
 median of 30 batch-1 runs alternated with the FP32 model, one intra-op thread; "fused" counts
 QLinearConv against all convs after onnxruntime's optimization. The stages of the method are
 added one at a time on the in-run baseline, onnxlw's own round-to-nearest with min/max scales
-and no bias correction: + output-MSE scales, + bias correction, + GPTQ rounding (the default),
-and mixed precision under a size budget. The preconditioning rows add cross-layer equalization
-and high-bias absorption (``--equalize``, ``--absorb-bias``) to the default. A row listed twice
-(the default in two stage lists) runs once.
+and no bias correction: + output-MSE scales, + bias correction, + cross-layer equalization,
++ GPTQ rounding (the default below 8 bits), + high-bias absorption (an option), and mixed
+precision under a size budget. "+ GPTQ, no equalization" is the default without equalization;
+at W8A8 "+ equalization" turns on what is off there by default. A row listed twice runs once.
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ from sweeplib import REPO, Bench
 from onnxlw import Config
 from onnxlw.ortutil import fused_conv_counts
 
-RTN = {"weight_scale": "minmax", "bias_correction": "none", "rounding": "nearest"}
+RTN = {"weight_scale": "minmax", "bias_correction": "none", "rounding": "nearest",
+       "equalize": "off"}
+BC = {"rounding": "nearest", "equalize": "off"}
 STAGES = {
     "RTN, min/max scale": RTN,
     "+ MSE scale": {**RTN, "weight_scale": "output-mse"},
-    "+ bias correction": {"rounding": "nearest"},
+    "+ bias correction": BC,
+    "+ equalization": {"rounding": "nearest"},
     "+ GPTQ (default)": {},
+    "+ bias absorption": {"absorb_bias": True},
 }
 
 
@@ -48,13 +52,12 @@ W6A6 = ("W6A6", {"weight_bits": 6, "act_bits": 6})
 W5A5 = ("W5A5", {"weight_bits": 5, "act_bits": 5})
 W4A4 = ("W4A4", {"weight_bits": 4, "act_bits": 4})
 W8A8 = ("W8A8", {})
-SHORT = {"+ bias correction": {"rounding": "nearest"}, "+ GPTQ (default)": {}}
-PRECOND = {
+SHORT = {
+    "+ bias correction": BC,
+    "+ GPTQ, no equalization": {"equalize": "off"},
     "+ GPTQ (default)": {},
-    "+ equalization": {"equalize": True},
-    "+ equalization + bias absorption": {"equalize": True, "absorb_bias": True},
 }
-PRECOND8 = {"default": {}, **{k: v for k, v in PRECOND.items() if "GPTQ" not in k}}
+PRECOND8 = {"default": {}, "+ equalization": {"equalize": "on"}}
 BUDGET = [("size 0.15", "mixed precision", {"size_budget": 0.15})]
 
 SWEEP: dict[str, list[tuple[str, str, dict]]] = {
@@ -62,15 +65,14 @@ SWEEP: dict[str, list[tuple[str, str, dict]]] = {
         *_rows([W8A8], PRECOND8),
         *_rows([W4A8], STAGES),
         *_rows([W6A6, W5A5, W4A4], SHORT),
-        *_rows([W4A8, W6A6], PRECOND),
         ("W6A8", "default", {"weight_bits": 6}),
         ("W8A6", "default", {"act_bits": 6}),
         *BUDGET,
     ],
     "efficientnet_lite0": [*_rows([W8A8], PRECOND8), *_rows([W4A8], SHORT),
-                           *_rows([W6A6], SHORT), *_rows([W4A8, W6A6], PRECOND), *BUDGET],
+                           *_rows([W6A6], SHORT), *BUDGET],
     "resnet56_cifar10": [("W8A8", "default", {}), *_rows([W4A8], STAGES),
-                         *_rows([W6A6, W4A4], SHORT), *_rows([W4A8], PRECOND), *BUDGET],
+                         *_rows([W6A6, W4A4], SHORT), *BUDGET],
     "resnet20_cifar10": [*_rows([W4A8], SHORT), ("W3A8", "default", {"weight_bits": 3}),
                          *BUDGET],
     "mobilenetv2_bnfolded": [*_rows([W4A8], SHORT), *BUDGET],
