@@ -207,10 +207,12 @@ class Report:
             absorbed = sum(int(n["reason"].split(" channel biases")[0].rsplit(" ", 1)[-1])
                            for n in fired if "channel biases absorbed" in n["reason"])
             why = sorted({n["reason"] for n in eq if not n["fired"]})
+            streams = sum(n["rule"] == "stream" for n in fired)
             lines.append(
-                f"preconditioning  : {len(fired)} conv pairs rescaled"
+                f"preconditioning  : {len(fired) - streams} conv pairs and {streams} residual "
+                "streams rescaled"
                 + (f", {absorbed} channel biases absorbed" if absorbed else "")
-                + (f"; {len(eq) - len(fired)} convs not ({'; '.join(why)})" if why else "")
+                + (f"; {len(eq) - len(fired)} not ({'; '.join(why)})" if why else "")
             )
         if self.network_aware is True:
             lines.append(

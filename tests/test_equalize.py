@@ -15,7 +15,13 @@ from onnxlw.graph import GraphView
 from onnxlw.io import load
 from onnxlw.ortutil import fused_conv_counts, session
 from onnxlw.passes import canonicalize
-from onnxlw.passes.equalize import K_SIGMA, channel_scales, equalize, find_pairs
+from onnxlw.passes.equalize import (
+    K_SIGMA,
+    channel_scales,
+    equalize,
+    find_pairs,
+    find_streams,
+)
 
 
 def block(seed: int = 21, project_relu: bool = False, pad_last: int = 0) -> onnx.ModelProto:
@@ -124,11 +130,54 @@ def test_high_bias_absorption_moves_the_always_on_part_and_skips_padded_consumer
             assert np.all(stats[p.tensor].out_mean <= c.bn_stats[p.tensor].out_mean)
 
 
+def stream_model(seed: int = 23, tail: str = "conv") -> onnx.ModelProto:
+    """1x1 conv+BN (a stream of 8 channels) -> two residual bottlenecks (expand + ReLU6, 1x1
+    project + BN, Add) -> a 1x1 conv (``tail="conv"``) or a GlobalAveragePool reading it."""
+    b = M.Builder(seed, 17)
+    b.bn_params = _wide_bn(b)  # type: ignore[method-assign]
+    x = b.conv_bn("input", 3, 8, 1)
+    for _ in range(2):
+        y = b.conv_bn(b.relu6(b.conv_bn(x, 8, 16, 1)), 16, 8, 1)
+        x = b.node("Add", [x, y])
+    if tail == "conv":
+        x = b.conv_bn_relu(x, 8, 8, 1)
+        return b.model(M._in(1, (16, 16)), M._out(x, 1, 8, (16, 16)))
+    x = b.node("GlobalAveragePool", [x])
+    return b.model(M._in(1, (16, 16)), M._out(x, 1, 8, (1, 1)))
+
+
+def test_a_residual_stream_is_rescaled_as_one_and_exactly() -> None:
+    c = canon_of(stream_model())
+    streams, _ = find_streams(c.model, c.bn_stats)
+    assert len(streams) == 1
+    st = streams[0]
+    assert len(st.tensors) == 5 and len(st.producers) == 3 and len(st.consumers) == 3
+    m, stats, notes = equalize(c.model, c.bn_stats, scale=True, absorb=False)
+    assert max_rel_diff(c.model, m) < 1e-5
+    assert any(n.rule == "stream" and n.fired for n in notes)
+    # every producer's output statistics moved by the same per-channel factor 1 / s
+    written = [t for t in st.tensors if t in c.bn_stats]
+    assert len(written) == 3
+    ratios = [stats[t].out_std / c.bn_stats[t].out_std for t in written]
+    assert ratios[0].max() / ratios[0].min() > 1.2  # the channels were rescaled unevenly
+    for r in ratios[1:]:
+        np.testing.assert_allclose(r, ratios[0], rtol=1e-9)
+
+
+def test_a_stream_read_by_something_else_is_left_with_the_reason() -> None:
+    c = canon_of(stream_model(tail="pool"))
+    streams, notes = find_streams(c.model, c.bn_stats)
+    assert streams == []
+    assert any("read by a GlobalAveragePool" in n.reason for n in notes)
+
+
 def test_no_bn_statistics_no_pair_with_the_reason() -> None:
     c = canon_of(M.bn_folded())
     m, _, notes = equalize(c.model, c.bn_stats)
     assert m is c.model
-    assert notes and all(not n.fired and "no BN statistics" in n.reason for n in notes)
+    assert notes and all(not n.fired and ("no BN statistics" in n.reason
+                                          or "without BN statistics" in n.reason)
+                         for n in notes)
 
 
 def test_cli_flags_reach_the_config() -> None:
