@@ -217,7 +217,9 @@ def _mixed_all(
                 "predicted_error": float(sum(errors[i][choice[i]] for i in choice)),
             }
             return plan.layers
-        budget -= (size - target) * 1.02 + 64
+        # below what this choice costs, or the same choice comes back (it fit the old budget)
+        used = sum(costs[i][choice[i]] for i in choice)
+        budget = min(budget, used) - (size - target) * 1.02 - 64
     floor = nonweight + sum(min(c.values()) for c in costs.values())
     raise OnnxlwError(
         f"--size-budget {config.size_budget:g} ({target / 1e6:.2f} MB) cannot be met: the "
