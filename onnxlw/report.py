@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -204,8 +205,8 @@ class Report:
         eq = [n for n in self.notes if n.get("pass_name") == "equalize"]
         if eq:
             fired = [n for n in eq if n["fired"]]
-            absorbed = sum(int(n["reason"].split(" channel biases")[0].rsplit(" ", 1)[-1])
-                           for n in fired if "channel biases absorbed" in n["reason"])
+            absorbed = sum(int(m.group(1)) for n in fired
+                           if (m := re.search(r"(\d+) channel biases absorbed", n["reason"])))
             why = sorted({n["reason"] for n in eq if not n["fired"]})
             streams = sum(n["rule"] == "stream" for n in fired)
             lines.append(

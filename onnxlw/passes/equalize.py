@@ -219,7 +219,8 @@ def equalize(
     streams: list[Stream] = []
     if scale:
         streams, more = find_streams(model, stats)
-        notes += more
+        in_stream = {p for st_ in streams for p in st_.producers}
+        notes = [n for n in notes if n.where not in in_stream] + more  # rescaled as a stream
     if not (pairs or streams) or not (scale or absorb):
         return model, stats, notes
     graph = gs.import_onnx(model)
@@ -360,6 +361,7 @@ def find_streams(model: onnx.ModelProto, stats: dict) -> tuple[list[Stream], lis
         groups.setdefault(root(t), []).append(t)
     streams: list[Stream] = []
     notes: list[Note] = []
+    by_name = {n.name: n for n in view.nodes}
     for members in groups.values():
         why, prods, cons, dws = "", [], [], []
         adds = {view.producer[t].name for t in members
@@ -394,8 +396,8 @@ def find_streams(model: onnx.ModelProto, stats: dict) -> tuple[list[Stream], lis
                     why = why or "a stream tensor is read by a grouped conv"
             if why:
                 break
-        shared = [x for n in (*prods, *cons, *dws) for x in _weights(view, n)
-                  if len(view.consumers.get(x, [])) > 1]
+        shared = [x for n in (*prods, *cons, *dws) for x in by_name[n].input[1:3]
+                  if x and len(view.consumers.get(x, [])) > 1]
         why = why or (f"{shared[0]!r} is shared with another node" if shared else "")
         where = sorted(members)[0]
         if why:
@@ -404,11 +406,6 @@ def find_streams(model: onnx.ModelProto, stats: dict) -> tuple[list[Stream], lis
         streams.append(Stream(tuple(sorted(members)), tuple(prods), tuple(cons + dws),
                               tuple(dws)))
     return streams, notes
-
-
-def _weights(view: GraphView, node: str) -> list[str]:
-    n = next(x for x in view.nodes if x.name == node)
-    return [i for i in n.input[1:3] if i]
 
 
 def stream_scales(stream: Stream, stats: dict, nodes: dict) -> np.ndarray:

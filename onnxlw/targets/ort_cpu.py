@@ -156,6 +156,8 @@ def channel_clip(node: onnx.NodeProto, view: GraphView) -> float | None:
     c = view.const_or_none(node.input[1])
     if c is None or c.size == 0 or float(np.min(c)) <= 0:
         return None
+    if c.ndim > 4 or sum(d > 1 for d in c.shape) > 1:  # a scalar or one value per channel
+        return None
     return float(np.min(c))
 
 
