@@ -58,6 +58,24 @@ def test_gptq_beats_rounding_to_nearest_on_correlated_inputs(bits: int) -> None:
     assert gq.stats["gptq_channels"] > 0
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_scale_candidates_never_raise_a_rows_error(bits: int, monkeypatch) -> None:  # noqa: ANN001
+    """Each row keeps its best candidate scale, the chosen one included, and the stored scale
+    is the one its levels were rounded for (the weight equals levels x scale)."""
+    import onnxlw.solve.weights as W
+
+    p = correlated_problem(seed=3)
+    spec = QuantSpec(bits=bits, rounding="gptq")
+    many = solve_weights(p, spec)
+    monkeypatch.setattr(W, "GPTQ_SCALE_FACTORS", (1.0,))
+    one = solve_weights(p, spec)
+    assert many.stats["sqnr_db"] >= one.stats["sqnr_db"] - 1e-9
+    assert many.stats["sqnr_db"] > one.stats["sqnr_db"] + 0.05  # the wider scales were used
+    np.testing.assert_allclose(
+        many.weight, many.encoding.q * many.encoding.scale[..., None], rtol=1e-6
+    )
+
+
 def test_gptq_equals_nearest_when_inputs_are_uncorrelated() -> None:
     """With a diagonal H there is nothing to compensate: GPTQ is round-to-nearest."""
     rng = np.random.default_rng(1)

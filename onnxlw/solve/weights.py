@@ -137,6 +137,14 @@ class _Levels:
         return out
 
 
+GPTQ_SCALE_FACTORS = (1.0, 1.1, 1.2)
+"""Multiples of the chosen scale that GPTQ tries, capped at max|w| / qmax; each row keeps the
+one with the least output error. Measured W4A8, agreement % (seed 0 / seed 1): MobileNetV2
+82.1 / 80.7 with (1.0,) -> 82.9 / 82.2; EfficientNet-Lite0 85.7 / 86.4 -> 86.6 / 86.5;
+ResNet-56 (seed 0) 96.0 -> 95.9. Adding 0.9 lowered every layer's error on the synthesized
+statistics but MobileNetV2 fell to 80.8 %, so no candidate below the chosen scale."""
+
+
 def solve_weights(p: LayerProblem, spec: QuantSpec | None = None) -> LayerSolution:
     """Choose scales, round, and correct the bias for one layer (``spec`` defaults)."""
     spec = spec or QuantSpec()
@@ -205,11 +213,26 @@ def solve_weights(p: LayerProblem, spec: QuantSpec | None = None) -> LayerSoluti
     use_h = np.zeros((g, o), bool)
     rounding = "nearest"
     if spec.rounding == "gptq" and order is None and k <= MAX_INPUTS:
+        # GPTQ at a few scales around the chosen one, all rows of all candidates in one call
+        # (they share H's factorization); each row keeps the candidate with the least output
+        # error. GPTQ compensates rounding, not clipping, so it often prefers a wider scale.
+        factors = GPTQ_SCALE_FACTORS
+        cands = [np.minimum(scale * f, np.maximum(base, scale)) for f in factors]
+        nc = len(cands)
         keep = (w != 0) if spec.keep_zeros else None
-        hq = gptq_levels(w, scale, hessian(p, centered), spec.qmax, spec.damping, keep)
-        err_h = error_of(hq, scale)
+        hq_all = gptq_levels(
+            np.concatenate([w] * nc, axis=1), np.concatenate(cands, axis=1).astype(np.float32),
+            hessian(p, centered), spec.qmax, spec.damping,
+            None if keep is None else np.concatenate([keep] * nc, axis=1),
+        ).reshape(g, nc, o, k)
+        errs = np.stack([error_of(hq_all[:, c], cands[c].astype(np.float32)) for c in range(nc)])
+        pick = np.argmin(errs, axis=0)  # (G, O)
+        err_h = np.take_along_axis(errs, pick[None], axis=0)[0]
+        hq = np.take_along_axis(hq_all, pick[:, None, :, None], axis=1)[:, 0]
         use_h = err_h < best_err
         best_err = np.where(use_h, err_h, best_err)
+        scale_h = np.take_along_axis(np.stack(cands, axis=1), pick[:, None], axis=1)[:, 0]
+        scale = np.where(use_h, scale_h, scale).astype(np.float32)
         rounding = "gptq"
     elif spec.rounding not in ("gptq", "nearest"):
         raise ValueError(f"unknown rounding {spec.rounding}")
