@@ -217,9 +217,7 @@ def _mixed_all(
                 "predicted_error": float(sum(errors[i][choice[i]] for i in choice)),
             }
             return plan.layers
-        # below what this choice costs, or the same choice comes back (it fit the old budget)
-        used = sum(costs[i][choice[i]] for i in choice)
-        budget = min(budget, used) - (size - target) * 1.02 - 64
+        budget = next_budget(budget, sum(costs[i][choice[i]] for i in choice), size, target)
     floor = nonweight + sum(min(c.values()) for c in costs.values())
     raise OnnxlwError(
         f"--size-budget {config.size_budget:g} ({target / 1e6:.2f} MB) cannot be met: the "
@@ -227,6 +225,13 @@ def _mixed_all(
         f"({floor / size_in:.3f} of the input; {nonweight / 1e6:.2f} MB are not weights)",
         "raise --size-budget",
     )
+
+
+def next_budget(budget: float, used: float, size: float, target: float) -> float:
+    """The weight budget for the next allocation round after a file of ``size`` bytes
+    overshot ``target``: below what the last choice's weights cost (``used``), or the same
+    choice comes back, since it fit the old budget, by the overshoot plus a margin."""
+    return min(budget, used) - (size - target) * 1.02 - 64
 
 
 def _spec_at(config: Config, spec: QuantSpec, bits: int) -> QuantSpec:

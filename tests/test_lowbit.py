@@ -257,6 +257,21 @@ def test_size_budget_is_met_by_the_written_bytes() -> None:
         onnxlw.compress(m, dataclasses.replace(CFG, size_budget=0.01))
 
 
+def test_each_budget_round_leaves_out_the_last_choice() -> None:
+    """The last choice cost 900 of a 1000-byte budget and overshot the file target by 30 bytes:
+    the next budget must be below 900 - 30, or the same choice (which fit 1000) comes back."""
+    from onnxlw.method import next_budget
+
+    nb = next_budget(1000.0, 900.0, 5030.0, 5000.0)
+    assert nb <= 900.0 - 30.0
+    costs = {0: {2: 100.0, 4: 200.0}, 1: {2: 300.0, 4: 700.0}}
+    errors = {0: {2: 1.0, 4: 0.1}, 1: {2: 1.0, 4: 0.1}}
+    first = allocate_bits(errors, costs, 1000.0)
+    used = sum(costs[i][first[i]] for i in first)
+    second = allocate_bits(errors, costs, next_budget(1000.0, used, 5030.0, 5000.0))
+    assert second != first
+
+
 def test_bad_bit_options_are_refused() -> None:
     for kw in ({"weight_bits": 9}, {"act_bits": 3}, {"layer_bits": (("x", 1),)},
                {"size_budget": 1.5}, {"rounding": "adaround"}, {"network_aware": "yes"}):
