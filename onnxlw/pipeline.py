@@ -121,6 +121,7 @@ def compress(
         the_plan.check_matches(
             {r.index: r.node for r in analysis.active_layers}, loaded.sha256
         )
+        check_plan_precondition(the_plan, config)
     out = stage("emit", EMITTERS[the_plan.format], canon, analysis, the_plan)
     packed: list = []
     forms: list = []
@@ -237,6 +238,29 @@ def precondition(canon: Canonical, config: Config, inputs: InputSpec) -> Canonic
         )
         canon = canon.replace(model=m, bn_stats=st, notes=[*canon.notes, *notes])
     return canon
+
+
+def check_plan_precondition(plan: Plan, config: Config) -> None:
+    """OnnxlwError unless ``config`` preconditions the model as the run that solved ``plan``
+    did: its weights were solved on the rescaled model, so another rescaling gives a wrong
+    output. A plan from before equalization existed (no ``equalize`` option) was solved
+    without it."""
+    opts = plan.meta.get("options")
+    if not opts:
+        return
+    saved = Config.from_dict(opts)
+    was = {
+        "cross-layer equalization": ("equalize" in opts and saved.equalizes, config.equalizes,
+                                     "--equalize on|off"),
+        "high-bias absorption": (saved.absorb_bias, config.absorb_bias, "--absorb-bias"),
+    }
+    for what, (then, now, flag) in was.items():
+        if then != now:
+            raise OnnxlwError(
+                f"the plan was solved with {what} {'on' if then else 'off'} and this run has it "
+                f"{'on' if now else 'off'}",
+                f"pass the options the plan was saved with ({flag}, or the same --weight-bits)",
+            )
 
 
 def _collect(

@@ -205,3 +205,19 @@ def test_an_unknown_equalize_value_is_refused() -> None:
 
     with pytest.raises(OnnxlwError, match="equalize"):
         Config(equalize="yes")
+
+
+def test_an_equalized_plan_is_re_emitted_only_with_the_same_preconditioning(tmp_path) -> None:  # noqa: ANN001
+    """The plan's weights were solved on the rescaled model: re-emitting it on a model that was
+    not rescaled would be wrong, so it is refused with the option to pass."""
+    from onnxlw.errors import OnnxlwError
+
+    model = block()
+    cfg = Config(weight_bits=4, samples=16)
+    out, rep = compress(model, cfg)
+    path = tmp_path / "plan.npz"
+    rep.plan.save(path)
+    again, _ = compress(model, cfg, plan=path)
+    assert again.graph.SerializeToString() == out.graph.SerializeToString()
+    with pytest.raises(OnnxlwError, match="cross-layer equalization on"):
+        compress(model, Config(weight_bits=4, samples=16, equalize="off"), plan=path)
