@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from .analyze import analyze
 from .config import Config
-from .graph import GraphView, attrs
+from .graph import GraphView, attrs, is_depthwise
 from .inputspec import InputSpec
 from .passes import Canonical, Note
 from .problems import StatsCollector
@@ -78,7 +78,7 @@ def find_chains(canon: Canonical) -> tuple[list[Chain], list[Note]]:
         w = view.const(n.input[1])
         nxt, why = follow(n.output[0])
         dw = None
-        if nxt is not None and nxt.op_type == "Conv" and _is_depthwise(nxt, view, w.shape[0]):
+        if nxt is not None and nxt.op_type == "Conv" and is_depthwise(nxt, view, w.shape[0]):
             dw = nxt
             nxt, why = follow(nxt.output[0])
         if nxt is None or nxt.op_type != "Conv" or int(attrs(nxt).get("group", 1)) != 1:
@@ -90,13 +90,6 @@ def find_chains(canon: Canonical) -> tuple[list[Chain], list[Note]]:
             continue
         chains.append(Chain(n.name, dw.name if dw else None, nxt.name, int(w.shape[0])))
     return chains, notes
-
-
-def _is_depthwise(n: onnx.NodeProto, view: GraphView, c: int) -> bool:
-    if not view.is_const(n.input[1]):
-        return False
-    w = view.const(n.input[1])
-    return int(attrs(n).get("group", 1)) == c and w.shape[0] == c and w.shape[1] == 1
 
 
 def kept_width(c: int, fraction: float) -> int:

@@ -228,6 +228,29 @@ class GraphView:
         return None
 
 
+def relu_upper(act: onnx.NodeProto, view: GraphView) -> float | None:
+    """The upper bound of ``act`` if it is a Relu (inf) or a Clip with a constant lower bound
+    of 0 and a constant (or absent) upper bound; None for anything else."""
+    if act.op_type == "Relu":
+        return float("inf")
+    if act.op_type != "Clip":
+        return None
+    lo = view.const_or_none(act.input[1]) if len(act.input) > 1 and act.input[1] else None
+    has_hi = len(act.input) > 2 and bool(act.input[2])
+    hi = view.const_or_none(act.input[2]) if has_hi else None
+    if lo is None or float(lo) != 0.0 or (has_hi and hi is None):
+        return None
+    return float(hi) if hi is not None else float("inf")
+
+
+def is_depthwise(n: onnx.NodeProto, view: GraphView, c: int) -> bool:
+    """True when ``n`` is a Conv with constant weights, ``c`` channels and group ``c``."""
+    if n.op_type != "Conv" or not view.is_const(n.input[1]):
+        return False
+    w = view.const(n.input[1])
+    return int(attrs(n).get("group", 1)) == c and w.shape[0] == c and w.shape[1] == 1
+
+
 _NUMERIC_CONSTANT_ATTRS = (
     "value",
     "value_float",

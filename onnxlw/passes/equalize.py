@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import GraphView, attrs
+from ..graph import GraphView, attrs, is_depthwise, relu_upper
 from .base import Note
 from .bn_fold import BNStats
 
@@ -118,8 +118,8 @@ def find_pairs(model: onnx.ModelProto, stats: dict) -> tuple[list[Pair], list[No
         nxt = view.single_consumer(t)
         act, hi = None, float("inf")
         if nxt is not None and nxt.op_type in ("Relu", "Clip"):
-            bound = _upper(nxt, view)
-            if bound is None:
+            bound = relu_upper(nxt, view)
+            if bound is None or bound <= 0:
                 no(n, f"its {nxt.op_type} is not Relu or Clip(0, hi)")
                 continue
             act, hi = nxt, bound
@@ -132,9 +132,8 @@ def find_pairs(model: onnx.ModelProto, stats: dict) -> tuple[list[Pair], list[No
             continue
         w2 = view.const(nxt.input[1])
         a2 = attrs(nxt)
-        group = int(a2.get("group", 1))
-        dw = group == c_out and w2.shape[0] == c_out and w2.shape[1] == 1
-        if not dw and (group != 1 or w2.shape[1] != c_out):
+        dw = is_depthwise(nxt, view, c_out)
+        if not dw and (int(a2.get("group", 1)) != 1 or w2.shape[1] != c_out):
             no(n, "its consumer is a grouped conv")
             continue
         if len(nxt.input) > 2 and nxt.input[2] and not view.is_const(nxt.input[2]):
@@ -150,19 +149,6 @@ def find_pairs(model: onnx.ModelProto, stats: dict) -> tuple[list[Pair], list[No
         pairs.append(Pair(n.name, act.name if act is not None else None, nxt.name, t, hi, dw,
                           bool(padded)))
     return pairs, notes
-
-
-def _upper(act: onnx.NodeProto, view: GraphView) -> float | None:
-    """The upper bound of a Relu (inf) or Clip(0, hi); None for anything else."""
-    if act.op_type == "Relu":
-        return float("inf")
-    lo = view.const_or_none(act.input[1]) if len(act.input) > 1 and act.input[1] else None
-    hi = view.const_or_none(act.input[2]) if len(act.input) > 2 and act.input[2] else None
-    if lo is None or float(lo) != 0.0:
-        return None
-    if hi is None:
-        return None if len(act.input) > 2 and act.input[2] else float("inf")
-    return float(hi) if float(hi) > 0 else None
 
 
 def absorbed_bias(mu: np.ndarray, sigma: np.ndarray, pair: Pair) -> np.ndarray:
@@ -200,8 +186,7 @@ def channel_scales(
         return np.ones_like(mu)
     s = np.maximum(top / ref, FLOOR)
     if w_col is not None:
-        w = np.maximum(w_col / max(float(w_col.max()), 1e-30), FLOOR)
-        s = s**ALPHA / w ** (1.0 - ALPHA)
+        s = _balance(s, w_col)
     sat = np.isfinite(hi) & (top >= hi)
     dead = top < FLOOR * ref
     s[sat | dead] = s.max()  # saturating channels reach the clip together; dead ones stay
@@ -240,7 +225,7 @@ def equalize(
         shift = absorbed_bias(mu, sigma, p) if absorb else np.zeros(c)
         hi = np.full(c, p.hi) - shift
         if scale:
-            w_col = None if p.depthwise else np.abs(w2).max(axis=(0, *range(2, w2.ndim)))
+            w_col = None if p.depthwise else _col_range(w2)
             s = channel_scales(mu - shift, sigma, hi, w_col)
         else:
             s = np.ones(c)
@@ -386,11 +371,9 @@ def find_streams(model: onnx.ModelProto, stats: dict) -> tuple[list[Stream], lis
                 if c.op_type != "Conv" or c.input[0] != t or not view.is_const(c.input[1]):
                     why = why or f"a stream tensor is read by a {c.op_type}"
                     continue
-                g = int(attrs(c).get("group", 1))
-                w = view.const(c.input[1])
-                if g == 1:
+                if int(attrs(c).get("group", 1)) == 1:
                     cons.append(c.name)
-                elif g == w.shape[0] and w.shape[1] == 1:
+                elif is_depthwise(c, view, int(view.const(c.input[1]).shape[0])):
                     dws.append(c.name)
                 else:
                     why = why or "a stream tensor is read by a grouped conv"
@@ -418,11 +401,18 @@ def stream_scales(stream: Stream, stats: dict, nodes: dict) -> np.ndarray:
     s = np.maximum(r / max(float(r.max()), 1e-30), FLOOR)
     dense = [c for c in stream.consumers if c not in stream.depthwise]
     if dense:
-        cols = []
-        for c in dense:
-            w = np.abs(np.asarray(nodes[c].inputs[1].values, np.float64))
-            col = w.max(axis=(0, *range(2, w.ndim)))
-            cols.append(col / max(float(col.max()), 1e-30))
-        w = np.maximum(np.max(cols, axis=0), FLOOR)
-        s = s**ALPHA / w ** (1.0 - ALPHA)
+        cols = [_col_range(np.asarray(nodes[c].inputs[1].values, np.float64)) for c in dense]
+        s = _balance(s, np.max([c / max(float(c.max()), 1e-30) for c in cols], axis=0))
     return s / s.max()
+
+
+def _col_range(w: np.ndarray) -> np.ndarray:
+    """max |w| per input channel (C,) of a dense conv weight (O, C, ...)."""
+    return np.abs(w).max(axis=(0, *range(2, w.ndim)))
+
+
+def _balance(s: np.ndarray, w_col: np.ndarray) -> np.ndarray:
+    """SmoothQuant's balance (strength ALPHA) of activation range ratios ``s`` (C,) against
+    the consumer's column ranges ``w_col`` (C,), each relative to its largest and floored."""
+    w = np.maximum(w_col / max(float(w_col.max()), 1e-30), FLOOR)
+    return s**ALPHA / w ** (1.0 - ALPHA)

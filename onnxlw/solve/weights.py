@@ -216,22 +216,21 @@ def solve_weights(p: LayerProblem, spec: QuantSpec | None = None) -> LayerSoluti
         # GPTQ at a few scales around the chosen one, all rows of all candidates in one call
         # (they share H's factorization); each row keeps the candidate with the least output
         # error. GPTQ compensates rounding, not clipping, so it often prefers a wider scale.
-        factors = GPTQ_SCALE_FACTORS
-        cands = [np.minimum(scale * f, np.maximum(base, scale)) for f in factors]
-        nc = len(cands)
+        nc = len(GPTQ_SCALE_FACTORS)
+        cands = np.stack([np.minimum(scale * f, np.maximum(base, scale))
+                          for f in GPTQ_SCALE_FACTORS], axis=1).astype(np.float32)  # (G, C, O)
         keep = (w != 0) if spec.keep_zeros else None
         hq_all = gptq_levels(
-            np.concatenate([w] * nc, axis=1), np.concatenate(cands, axis=1).astype(np.float32),
-            hessian(p, centered), spec.qmax, spec.damping,
-            None if keep is None else np.concatenate([keep] * nc, axis=1),
+            np.tile(w, (1, nc, 1)), cands.reshape(g, nc * o), hessian(p, centered), spec.qmax,
+            spec.damping, None if keep is None else np.tile(keep, (1, nc, 1)),
         ).reshape(g, nc, o, k)
-        errs = np.stack([error_of(hq_all[:, c], cands[c].astype(np.float32)) for c in range(nc)])
+        errs = np.stack([error_of(hq_all[:, c], cands[:, c]) for c in range(nc)])  # (C, G, O)
         pick = np.argmin(errs, axis=0)  # (G, O)
         err_h = np.take_along_axis(errs, pick[None], axis=0)[0]
         hq = np.take_along_axis(hq_all, pick[:, None, :, None], axis=1)[:, 0]
         use_h = err_h < best_err
         best_err = np.where(use_h, err_h, best_err)
-        scale_h = np.take_along_axis(np.stack(cands, axis=1), pick[:, None], axis=1)[:, 0]
+        scale_h = np.take_along_axis(cands, pick[:, None], axis=1)[:, 0]
         scale = np.where(use_h, scale_h, scale).astype(np.float32)
         rounding = "gptq"
     elif spec.rounding not in ("gptq", "nearest"):

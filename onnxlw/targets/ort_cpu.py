@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import GraphView
+from ..graph import GraphView, relu_upper
 from ..ops import LayerRecord
 
 TUNED_FOR = "1.32.0"
@@ -135,17 +135,8 @@ def u8s8_pair_order(rec: LayerRecord) -> np.ndarray | None:
 
 def absorbable(act: onnx.NodeProto, view: GraphView) -> tuple[float, float] | None:
     """(lo, hi) if ``act`` is Relu or Clip with a lower bound of 0 (its Q can replace it)."""
-    if act.op_type == "Relu":
-        return 0.0, float("inf")
-    if act.op_type != "Clip":
-        return None
-    lo = view.const_or_none(act.input[1]) if len(act.input) > 1 and act.input[1] else None
-    hi = view.const_or_none(act.input[2]) if len(act.input) > 2 and act.input[2] else None
-    if lo is None or float(lo) != 0.0:
-        return None
-    if len(act.input) > 2 and act.input[2] and hi is None:
-        return None
-    return 0.0, float(hi) if hi is not None else float("inf")
+    hi = relu_upper(act, view)
+    return None if hi is None else (0.0, hi)
 
 
 def channel_clip(node: onnx.NodeProto, view: GraphView) -> float | None:
