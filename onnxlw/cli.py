@@ -118,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         "the integer kernels fused. With --additive, activations stay float unless given",
     )
     c.add_argument(
+        "--input-bits",
+        type=int,
+        default=None,
+        help="bits of the graph inputs' grid (4-8; default 8 whatever --act-bits: an input "
+        "is data, such as 8-bit pixels, not an activation)",
+    )
+    c.add_argument(
         "--layer-bits",
         action="append",
         default=[],
@@ -335,6 +342,7 @@ def _config(a: argparse.Namespace) -> Config:
     return Config(
         weight_bits=a.weight_bits,
         act_bits=8 if a.act_bits is None else a.act_bits,
+        input_bits=a.input_bits,
         seed=a.seed,
         samples=a.samples,
         input_shapes=tuple(parse_input_shape(s) for s in a.input_shape),

@@ -155,11 +155,11 @@ class StatsCollector:
     def _range(self, name: str, x: np.ndarray) -> ActQuant:
         cfg = self.config
         declared = self.inputs.declared_range
+        bits = cfg.input_act_bits if name in self.inputs.names else cfg.act_bits
         if declared is not None and name in self.inputs.names:
             lo, hi = declared  # the exact bounds of any real input
-            s, z = affine_params(lo, hi, cfg.act_bits)
-            return ActQuant(min(lo, 0.0), max(hi, 0.0), s, z, float("nan"), "declared",
-                            cfg.act_bits)
+            s, z = affine_params(lo, hi, bits)
+            return ActQuant(min(lo, 0.0), max(hi, 0.0), s, z, float("nan"), "declared", bits)
         rng = np.random.default_rng([cfg.seed, 1, self.root_index[name]])
         v = x.reshape(-1)
         if x.ndim == 2 and x.shape[0] < FEW_ROWS:
@@ -168,7 +168,7 @@ class StatsCollector:
             v = v[rng.integers(0, v.size, RANGE_SAMPLE_LIMIT)]
         qt = self.qtensors[name]
         return choose_range(
-            v, bits=cfg.act_bits, method=cfg.act_range.value, lo_bound=qt.lo_bound,
+            v, bits=bits, method=cfg.act_range.value, lo_bound=qt.lo_bound,
             hi_bound=qt.hi_bound,
         )
 

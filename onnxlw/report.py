@@ -112,6 +112,12 @@ class Report:
         """Deterministic JSON text."""
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
+    def _input_bits_note(self) -> str:
+        """", graph inputs N bits" when the inputs' grid differs from the activations'."""
+        ib = self.config.get("input_bits")
+        ib = 8 if ib is None else ib
+        return "" if ib == self.config.get("act_bits", 8) else f" (graph inputs {ib} bits)"
+
     def summary(self) -> str:
         """The closing summary printed by the CLI."""
         v = self.validation
@@ -180,7 +186,8 @@ class Report:
                     "session start"
                 )
         bits = [int(r.stats["bits"]) for r in done if "bits" in r.stats]
-        if not ad and (bits and min(bits) < 8 or self.config.get("act_bits", 8) < 8):
+        if not ad and (bits and min(bits) < 8 or self.config.get("act_bits", 8) < 8
+                       or (self.config.get("input_bits") or 8) < 8):
             hist = ", ".join(
                 f"{bits.count(b)} at {b}" for b in sorted(set(bits), reverse=True)
             )
@@ -188,7 +195,7 @@ class Report:
             mean = sum(r.params * r.stats["bits"] for r in done if "bits" in r.stats)
             lines.append(
                 f"weight bits      : {hist} (mean {mean / max(total, 1):.2f} bits per weight); "
-                f"activations {self.config.get('act_bits', 8)} bits"
+                f"activations {self.config.get('act_bits', 8)} bits{self._input_bits_note()}"
             )
             sb = self.size_budget
             if sb:

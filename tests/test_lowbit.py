@@ -217,20 +217,32 @@ def test_six_bit_weights_are_packed_in_bit_planes_from_opset_14(opset: int) -> N
         assert any("opset 13: 6-bit weights are stored as int8" in w for w in rep.warnings)
 
 
-def test_act_bits_clip_the_levels_and_keep_convs_fused() -> None:
+@pytest.mark.parametrize("input_bits", [None, 5])
+def test_act_bits_clip_the_levels_and_keep_convs_fused(input_bits: int | None) -> None:
+    """Every activation takes at most 2**5 values; the graph input keeps 8 bits unless
+    ``input_bits`` says otherwise (it is data, not an activation)."""
     m = wide()
-    out, rep = onnxlw.compress(m, dataclasses.replace(CFG, act_bits=5))
+    out, rep = onnxlw.compress(m, dataclasses.replace(CFG, act_bits=5, input_bits=input_bits))
+    acts = rep.plan.activations
+    in_bits = 8 if input_bits is None else input_bits
+    assert acts["input"].bits == in_bits
+    assert all(a.bits == 5 for t, a in acts.items() if t != "input")
     clips = [n for n in out.graph.node if n.op_type == "Clip"]
-    assert len(clips) == rep.activations_quantized
+    assert len(clips) == rep.activations_quantized - (in_bits == 8)
     assert fused_conv_counts(out) == (3, 0)
-    # every quantized activation takes at most 2**5 values
-    q = [n.output[0] for n in clips]
+    first = next(
+        n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input"
+    )
+    q = [n.output[0] for n in clips] + [first.output[0]]
     probe = onnx.ModelProto()
     probe.CopyFrom(out)
     probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.UINT8, None) for t in q)
     res = session(probe).run(q, M.random_feeds(m, batch=2))
-    assert all(r.max() <= 31 for r in res)
-    assert all(a.bits == 5 for a in rep.plan.activations.values())
+    assert all(r.max() <= 31 for r in res[:-1])  # every Clip: at most 2**5 levels
+    assert any(c.input[0] == first.output[0] for c in clips) == (in_bits < 8)
+    if in_bits == 8:
+        assert res[-1].max() > 31  # the input's Q uses the 8-bit grid
+    assert ("graph inputs 8 bits" in rep.summary()) == (in_bits == 8)
 
 
 def test_layer_bits_first_match_wins() -> None:
@@ -273,7 +285,7 @@ def test_each_budget_round_leaves_out_the_last_choice() -> None:
 
 
 def test_bad_bit_options_are_refused() -> None:
-    for kw in ({"weight_bits": 9}, {"act_bits": 3}, {"layer_bits": (("x", 1),)},
+    for kw in ({"weight_bits": 9}, {"act_bits": 3}, {"input_bits": 9}, {"layer_bits": (("x", 1),)},
                {"size_budget": 1.5}, {"rounding": "adaround"}, {"network_aware": "yes"}):
         with pytest.raises(OnnxlwError):
             Config(**kw)  # type: ignore[arg-type]

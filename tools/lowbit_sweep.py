@@ -13,7 +13,10 @@ added one at a time on the in-run baseline, onnxlw's own round-to-nearest with m
 and no bias correction: + output-MSE scales, + bias correction, + cross-layer equalization,
 + GPTQ rounding (the default below 8 bits), + high-bias absorption (an option), and mixed
 precision under a size budget. "+ GPTQ, no equalization" is the default without equalization;
-at W8A8 "+ equalization" turns on what is off there by default. A row listed twice runs once.
+at W8A8 "+ equalization" turns on what is off there by default; below 8-bit activations,
+"input at A bits" puts the graph input on the activations' grid too (by default it keeps 8
+bits). A row listed twice runs once. "KL" is the mean KL(FP32 || compressed) of the softmax
+outputs over the images, a steadier figure than the agreement for close rows.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ SHORT = {
     "+ GPTQ, no equalization": {"equalize": "off"},
     "+ GPTQ (default)": {},
 }
+
+
+def input_too(bits: list[tuple[str, dict]]) -> list[tuple[str, str, dict]]:
+    """The default with the graph input on the activations' grid as well."""
+    return [(b, f"default, input at {kw['act_bits']} bits", {**kw, "input_bits": kw["act_bits"]})
+            for b, kw in bits]
 PRECOND8 = {"default": {}, "+ equalization": {"equalize": "on"}}
 BUDGET = [("size 0.15", "mixed precision", {"size_budget": 0.15})]
 
@@ -65,14 +74,15 @@ SWEEP: dict[str, list[tuple[str, str, dict]]] = {
         *_rows([W8A8], PRECOND8),
         *_rows([W4A8], STAGES),
         *_rows([W6A6, W5A5, W4A4], SHORT),
+        *input_too([W6A6, W5A5, W4A4]),
         ("W6A8", "default", {"weight_bits": 6}),
         ("W8A6", "default", {"act_bits": 6}),
         *BUDGET,
     ],
     "efficientnet_lite0": [*_rows([W8A8], PRECOND8), *_rows([W4A8], SHORT),
-                           *_rows([W6A6], SHORT), *BUDGET],
+                           *_rows([W6A6], SHORT), *input_too([W6A6]), *BUDGET],
     "resnet56_cifar10": [("W8A8", "default", {}), *_rows([W4A8], STAGES),
-                         *_rows([W6A6, W4A4], SHORT), *BUDGET],
+                         *_rows([W6A6, W4A4], SHORT), *input_too([W6A6]), *BUDGET],
     "resnet20_cifar10": [*_rows([W4A8], SHORT), ("W3A8", "default", {"weight_bits": 3}),
                          *BUDGET],
     "mobilenetv2_bnfolded": [*_rows([W4A8], SHORT), *BUDGET],
@@ -92,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- command: `python tools/lowbit_sweep.py {' '.join(argv or sys.argv[1:])}`",
         "",
-        "| model | bits | stage | agree % | Δtop-1 | mean w bits | file × | fused | latency × "
-        "| compress s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | bits | stage | agree % | Δtop-1 | KL | mean w bits | file × | fused "
+        "| latency × | compress s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     models = [m for m in a.models.split(",") if m in SWEEP]
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 q, f = fused_conv_counts(row.out)
                 lines.append(
                     f"| {model} | {bits} | {stage} | {row.agree:.1f} | {row.dtop1:+.1f} "
-                    f"| {wbits:.2f} | {os.path.getsize(row.out) / os.path.getsize(bench.src):.3f} "
+                    f"| {row.kl:.4f} | {wbits:.2f} "
+                    f"| {os.path.getsize(row.out) / os.path.getsize(bench.src):.3f} "
                     f"| {q}/{q + f} | {row.latency:.2f} | {row.secs:.1f} |"
                 )
                 print(lines[-1], flush=True)

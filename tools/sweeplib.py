@@ -28,6 +28,9 @@ class Row:
     dtop1: float
     latency: float
     secs: float
+    kl: float = float("nan")
+    """Mean KL(FP32 || compressed) of the softmax outputs on the images: steadier than the
+    agreement when comparing two close variants."""
 
 
 class Bench:
@@ -53,4 +56,4 @@ class Bench:
         e = evaluate(self.src, out, self.imgs, None, limit=self.limit, latency_runs=0)
         lat = measure_latency([self.src, out], self.x1[:1], runs=30, threads=1)
         return Row(out, rep, 100 * e.top1_agreement, 100 * (e.cand_top1 - e.ref_top1),
-                   lat[1] / lat[0], secs)
+                   lat[1] / lat[0], secs, e.kl_mean)
