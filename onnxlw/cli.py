@@ -449,6 +449,8 @@ def _compress(a: argparse.Namespace) -> int:
                 f"could not write report {rp}: {e.strerror}", "pick a writable --report path"
             ) from None
     print(f"wrote {dst}")
+    if a.verbose:
+        print(report.layer_table())
     print(report.summary())
     if real is not None:
         print(

@@ -265,6 +265,39 @@ class Report:
         return "\n".join(lines)
 
 
+    def layer_table(self) -> str:
+        """One line per layer (``onnxlw compress -v``): its weights, bits, sparsity or books,
+        rounding, output SQNR on the synthesized inputs, or why it was skipped."""
+        rows = [("layer", "op", "weights", "bits", "sparsity", "rounding", "SQNR dB")]
+        for r in self.layers:
+            st = r.stats
+            if r.skipped is not None:
+                rows.append((r.node, r.op_type, f"{r.params:,}", "float", "", "", r.skipped))
+                continue
+            bits = "books " + f"{int(st['books'])}" if "books" in st else (
+                f"{int(st['bits'])}" if "bits" in st else ""
+            )
+            gd = st.get("gptq_damping", 0.0)
+            rnd = f"gptq (damping {gd:g})" if st.get("gptq_channels", 0) > 0 else "nearest"
+            if "books" in st:
+                rnd = "additive codes"
+            elif "bits" not in st:
+                rnd = ""
+            sp = f"{100 * st['sparsity']:.1f} %" if "sparsity" in st else ""
+            sq = "" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+            rows.append((r.node, r.op_type, f"{r.params:,}", bits, sp, rnd, sq))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        widths[0] = min(widths[0], 60)
+        out = []
+        for row in rows:
+            name = row[0] if len(row[0]) <= 60 else "..." + row[0][-57:]
+            cells = [name.ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [c.rjust(w) for c, w in zip(row[2:5], widths[2:5], strict=True)]
+            cells += [row[5].ljust(widths[5]), row[6]]
+            out.append("  ".join(cells).rstrip())
+        return "\n".join(out)
+
+
 def _books(ad: dict[str, Any]) -> str:
     lo, hi = ad.get("min_books", ad["books"]), ad["books"]
     return f"{hi}" if lo == hi else f"{lo}-{hi}"

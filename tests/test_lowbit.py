@@ -256,6 +256,25 @@ def test_layer_bits_first_match_wins() -> None:
     assert bits == {names[0]: 8, names[1]: 6, names[2]: 6}
 
 
+def test_verbose_report_lists_each_layers_bits(tmp_path, capsys) -> None:  # noqa: ANN001
+    """``onnxlw compress -v`` prints one line per layer with its bits and rounding, and the
+    reason for a layer left in float."""
+    from onnxlw.cli import main
+
+    m = wide()
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    names = [n.name for n in m.graph.node if n.op_type == "Conv"]
+    rc = main(["compress", str(src), "-o", str(tmp_path / "o.onnx"), "--weight-bits", "4",
+               "--layer-bits", f"{names[1]}=6", "--exclude", names[2], "--samples", "8", "-v"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.split() and ln.split()[0] in names}
+    assert rows[names[0]].split()[3] == "4" and "gptq (damping 0.01)" in rows[names[0]]
+    assert rows[names[1]].split()[3] == "6"
+    assert "float" in rows[names[2]] and "excluded by pattern" in rows[names[2]]
+
+
 def test_size_budget_is_met_by_the_written_bytes() -> None:
     m = wide()
     budget = 0.2
