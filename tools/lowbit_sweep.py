@@ -4,7 +4,8 @@ Usage::
 
     python tools/lowbit_sweep.py --out-md lowbit.md [--shared ../shared] [--models a,b]
 
-Each row compresses one shared model with one set of options (in-process, seed 0), then
+Each row compresses one shared model with one set of options (in-process, seed 0, or each
+of ``--seeds``: then the figures are the mean [lowest, highest] over the seeds), then
 evaluates the output against its FP32 model with ``onnxlw eval``'s code on the model's
 evaluation images (ImageNet sample images: all 1000; CIFAR-10: an even 2000). Latency is the
 median of 30 batch-1 runs alternated with the FP32 model, one intra-op thread; "fused" counts
@@ -97,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(SWEEP), help="comma-separated model stems")
     ap.add_argument("--stages", default="", help="comma-separated substrings: only the rows "
                     "whose stage contains one (default: every row)")
+    ap.add_argument("--bits", default="", help="comma-separated bit labels (W4A8, size 0.15, "
+                    "...): only those rows (default: every row)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; with several, each "
+                    "row shows the mean and, in brackets, the lowest and highest")
     a = ap.parse_args(argv)
+    seeds = [int(x) for x in a.seeds.split(",")]
     lines = [
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- command: `python tools/lowbit_sweep.py {' '.join(argv or sys.argv[1:])}`",
@@ -115,20 +121,31 @@ def main(argv: list[str] | None = None) -> int:
                 kw = dict(kw_items)
                 if a.stages and not any(x in stage for x in a.stages.split(",")):
                     continue
-                row = bench.run(Config.from_dict({"seed": 0, **kw}), Path(tmp))
+                if a.bits and bits not in a.bits.split(","):
+                    continue
+                runs = [bench.run(Config.from_dict({**kw, "seed": s}), Path(tmp)) for s in seeds]
+                row = runs[0]
                 done = [r for r in row.report.layers if r.skipped is None]
                 wbits = sum(r.params * r.stats.get("bits", 8) for r in done) / sum(
                     r.params for r in done)
                 q, f = fused_conv_counts(row.out)
                 lines.append(
-                    f"| {model} | {bits} | {stage} | {row.agree:.1f} | {row.dtop1:+.1f} "
-                    f"| {row.kl:.4f} | {wbits:.2f} "
+                    f"| {model} | {bits} | {stage} | {_spread([r.agree for r in runs], '.1f')} "
+                    f"| {_spread([r.dtop1 for r in runs], '+.1f')} "
+                    f"| {_spread([r.kl for r in runs], '.4f')} | {wbits:.2f} "
                     f"| {os.path.getsize(row.out) / os.path.getsize(bench.src):.3f} "
                     f"| {q}/{q + f} | {row.latency:.2f} | {row.secs:.1f} |"
                 )
                 print(lines[-1], flush=True)
     a.out_md.write_text("\n".join(lines) + "\n")
     return 0
+
+
+def _spread(v: list[float], fmt: str) -> str:
+    """One value, or the mean with [lowest, highest] of several seeds."""
+    if len(v) == 1:
+        return format(v[0], fmt)
+    return f"{format(sum(v) / len(v), fmt)} [{format(min(v), fmt)}, {format(max(v), fmt)}]"
 
 
 if __name__ == "__main__":
