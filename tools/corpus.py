@@ -549,15 +549,15 @@ def parse_run(res: dict[str, Any], src: Path, dst: Path, rep: Path, so: str, se:
 
 
 def run_one(entry: dict[str, Any], models: Path, out: Path, onnxlw: list[str],
-            timeout: float) -> dict[str, Any]:
+            timeout: float, extra: list[str] | None = None) -> dict[str, Any]:
     src = models / entry["file"]
     name = entry["name"]
-    dst = out / f"{name}.w8a8.onnx"
+    dst = out / f"{name}.{'w8a8' if not extra else 'out'}.onnx"
     rep = out / f"{name}.report.json"
     for p in (dst, rep):
         p.unlink(missing_ok=True)
     pins = entry.get("pins") or input_pins(src, int(entry.get("res") or 224))
-    cmd = [*onnxlw, "compress", str(src), "-o", str(dst), "--report", str(rep)]
+    cmd = [*onnxlw, "compress", str(src), "-o", str(dst), "--report", str(rep), *(extra or [])]
     for p in pins:
         cmd += ["--input-shape", p]
     full = ["nice", "-n", "10", "/usr/bin/time", "-v", *cmd]
@@ -632,7 +632,10 @@ def cmd_recheck(a: argparse.Namespace) -> int:
         if not logp.exists() or not (models / e["file"]).exists():
             continue
         row, so, se = _from_log(e, logp.read_text())
-        results.append(parse_run(row, models / e["file"], out / f"{e['name']}.w8a8.onnx",
+        dst = out / f"{e['name']}.w8a8.onnx"
+        if not dst.exists():  # a run with --args
+            dst = out / f"{e['name']}.out.onnx"
+        results.append(parse_run(row, models / e["file"], dst,
                                  out / f"{e['name']}.report.json", so, se))
     rpath = out / "results.json"
     rpath.write_text(json.dumps(results, indent=1) + "\n")
@@ -661,7 +664,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     for i, e in enumerate(entries):
         if e["name"] in done:
             continue
-        r = run_one(e, models, out, onnxlw, a.timeout)
+        r = run_one(e, models, out, onnxlw, a.timeout, shlex.split(a.args))
         results = [x for x in results if x["name"] != r["name"]] + [r]
         rpath.write_text(json.dumps(results, indent=1) + "\n")
         rss = f"{r['peak_rss'] / 2**20:.0f} MB" if r["peak_rss"] else "?"
@@ -748,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True, help="folder for outputs, logs and results.json")
     r.add_argument("--onnxlw", default="onnxlw", help="the onnxlw command (split like a shell)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    r.add_argument("--args", default="", help="more compress options, e.g. '--weight-bits 4' "
+                   "(the output is then <name>.out.onnx)")
     r.add_argument("--only", help="regex: run only the model names matching it")
     r.add_argument("--resume", action="store_true",
                    help="skip models that already have a row in results.json")
