@@ -73,7 +73,7 @@ class Config:
     ``act_bits``: an input is data (8-bit pixels for an image), not an activation that a layer
     produced, and onnxruntime's kernels run uint8 either way. Measured (seed 0, agreement %):
     MobileNetV2 W6A6 83.6 with a 6-bit input, 84.6 with 8 (seed 1: 84.6, 85.3); W5A5 67.6,
-    70.9; W8A6 83.3, 83.4; EfficientNet-Lite0 W6A6 94.9, 95.6."""
+    70.9; W8A6 83.3, 83.8; EfficientNet-Lite0 W6A6 94.9, 95.6."""
     seed: int = 0
     samples: int | None = None
     """Synthetic images drawn at the graph input (the synthesis batch). None: 16; 32 with
