@@ -5,7 +5,8 @@ Usage::
     python tools/lowbit_sweep.py --out-md lowbit.md [--shared ../shared] [--models a,b]
 
 Each row compresses one shared model with one set of options (in-process, seed 0, or each
-of ``--seeds``: then the figures are the mean [lowest, highest] over the seeds), then
+of ``--seeds``: then accuracy, KL and file size are the mean [lowest, highest] over the seeds
+and the other columns the last seed's), then
 evaluates the output against its FP32 model with ``onnxlw eval``'s code on the model's
 evaluation images (ImageNet sample images: all 1000; CIFAR-10: an even 2000). Latency is the
 median of 30 batch-1 runs alternated with the FP32 model, one intra-op thread; "fused" counts
@@ -67,6 +68,8 @@ def input_too(bits: list[tuple[str, dict]]) -> list[tuple[str, str, dict]]:
     """The default with the graph input on the activations' grid as well."""
     return [(b, f"default, input at {kw['act_bits']} bits", {**kw, "input_bits": kw["act_bits"]})
             for b, kw in bits]
+
+
 PRECOND8 = {"default": {}, "+ equalization": {"equalize": "on"}}
 BUDGET = [("size 0.15", "mixed precision", {"size_budget": 0.15})]
 
@@ -123,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if a.bits and bits not in a.bits.split(","):
                     continue
-                runs = [bench.run(Config.from_dict({**kw, "seed": s}), Path(tmp)) for s in seeds]
-                row = runs[0]
+                runs, files = [], []
+                for s in seeds:  # the output file is overwritten by the next seed's
+                    runs.append(bench.run(Config.from_dict({**kw, "seed": s}), Path(tmp)))
+                    files.append(os.path.getsize(runs[-1].out) / os.path.getsize(bench.src))
+                row = runs[-1]
                 done = [r for r in row.report.layers if r.skipped is None]
                 wbits = sum(r.params * r.stats.get("bits", 8) for r in done) / sum(
                     r.params for r in done)
@@ -133,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {model} | {bits} | {stage} | {_spread([r.agree for r in runs], '.1f')} "
                     f"| {_spread([r.dtop1 for r in runs], '+.1f')} "
                     f"| {_spread([r.kl for r in runs], '.4f')} | {wbits:.2f} "
-                    f"| {os.path.getsize(row.out) / os.path.getsize(bench.src):.3f} "
-                    f"| {q}/{q + f} | {row.latency:.2f} | {row.secs:.1f} |"
+                    f"| {_spread(files, '.3f')} | {q}/{q + f} | {row.latency:.2f} "
+                    f"| {row.secs:.1f} |"
                 )
                 print(lines[-1], flush=True)
     a.out_md.write_text("\n".join(lines) + "\n")
