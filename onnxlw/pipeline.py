@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from onnx import numpy_helper
 from ._version import __version__
 from .analyze import Analysis, analyze
 from .channels import prune_channels
-from .config import Config, parse_prune
+from .config import REFERENCE_IMAGE_VALUES, Config, parse_prune
 from .emit import EMITTERS
 from .emit.codebook import store_codebooks
 from .emit.compact import compact_sparse
@@ -82,6 +83,7 @@ def compress(
     if config.low_bits:
         require_lowbit()  # before any work: this onnxruntime must run the low-bit output
     loaded: LoadedModel = stage("load", load, model, config)
+    config = _resolve_samples(config, loaded)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
     canon = stage("precondition", precondition, canon, config, loaded.inputs)
     if canon.model is not loaded.model:
@@ -222,6 +224,22 @@ def check_model(model: onnx.ModelProto, after: str) -> None:
     except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InternalError(f"the model after {after} fails onnx.checker: {first}") from None
+
+
+def _resolve_samples(config: Config, loaded: LoadedModel) -> Config:
+    """The config with ``samples`` set when the input's size lowers the default count
+    (:meth:`Config.samples_for`); a note says so."""
+    values = sum(int(np.prod(s[1:], dtype=np.int64))
+                 for s in loaded.inputs.shapes(1).values())
+    n = config.samples_for(values)
+    if n == config.synth_samples:
+        return config
+    loaded.notes.append(
+        f"{n} synthetic images instead of {config.synth_samples}: the input has {values:,} "
+        f"values per image, {values / REFERENCE_IMAGE_VALUES:.1f}x a 3x224x224 image, and memory "
+        "grows with both (pass --samples to choose)"
+    )
+    return dataclasses.replace(config, samples=n)
 
 
 def precondition(canon: Canonical, config: Config, inputs: InputSpec) -> Canonical:

@@ -403,3 +403,18 @@ def test_low_bit_plan_saved_and_loaded_gives_the_same_bytes(tmp_path) -> None:  
     rep.plan.save(path)
     again, _ = onnxlw.compress(m, cfg, plan=path)
     assert again.graph.SerializeToString() == out.graph.SerializeToString()
+
+
+@pytest.mark.parametrize(("hw", "samples", "want"), [(224, None, 64), (448, None, 16),
+                                                     (448, 32, 32)])
+def test_large_inputs_get_fewer_synthetic_images(hw: int, samples: int | None, want: int) -> None:
+    """Below 8 bits the default is 64 images of a 3x224x224-sized input; a 448x448 input gets
+    64 * (224/448)^2 = 16 (memory grows with both), said in the report; --samples wins."""
+    b = M.Builder(3, 17)
+    y = b.conv_bn_relu("input", 3, 4)
+    m = b.model([("input", ["N", 3, hw, hw])], [("output", y, ["N", 4, hw, hw])])
+    _, rep = onnxlw.compress(m, Config(weight_bits=4, samples=samples))
+    assert rep.config["samples"] == (None if want == 64 else want)
+    assert Config.from_dict(rep.config).synth_samples == want
+    said = [w for w in rep.warnings if "synthetic images instead of 64" in w]
+    assert bool(said) == (samples is None and want != 64)
