@@ -46,6 +46,10 @@ class Analysis:
     unsupported_ops: list[str] = field(default_factory=list)
     float_outputs: list[tuple[str, str]] = field(default_factory=list)
     """(tensor, reason) for layer outputs deliberately left in float."""
+    input_data: frozenset[str] = frozenset()
+    """The graph inputs and the tensors computed from one of them alone by layout ops and
+    constant arithmetic (an NHWC Transpose, an in-graph normalization): data, not
+    activations a layer produced (their grid is ``Config.input_bits``)."""
 
     @property
     def active_layers(self) -> list[LayerRecord]:
@@ -103,7 +107,30 @@ def analyze(
     is_act = {t for t in floats if t not in tainted}
     float_outputs: list[tuple[str, str]] = []
     q = ort_cpu.activation_plan(view, layers, is_act, float_outputs, heads=float_heads)
-    return Analysis(layers, q, skips, unsupported, float_outputs)
+    return Analysis(layers, q, skips, unsupported, float_outputs, _input_data(view))
+
+
+INPUT_DATA_OPS = frozenset({
+    "Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice",
+    "Pad", "Add", "Sub", "Mul", "Div",
+})
+"""Ops whose output is still the input data when every other operand is a constant."""
+
+
+def _input_data(view: GraphView) -> frozenset[str]:
+    """Graph inputs and what layout ops and constant arithmetic make of one of them alone."""
+    data = set(view.graph_inputs)
+    todo = list(data)
+    while todo:
+        t = todo.pop()
+        for n in view.consumers.get(t, []):
+            if n.op_type not in INPUT_DATA_OPS or not n.output or n.output[0] in data:
+                continue
+            others = [i for i in n.input if i and i != t]
+            if all(view.is_const(i) for i in others):
+                data.add(n.output[0])
+                todo.append(n.output[0])
+    return frozenset(data)
 
 
 def _record(

@@ -221,6 +221,12 @@ class Config:
                 f"input_bits={self.input_bits} is out of range",
                 f"use {MIN_ACT_BITS} to 8 bits for the graph inputs",
             )
+        if self.input_bits is not None and not self.quantize:
+            raise OnnxlwError(
+                "input_bits is set but activations are not quantized (--no-quantize, or "
+                "--additive without --act-bits)",
+                "drop --input-bits, or quantize the activations (--act-bits)",
+            )
         if self.network_aware not in ("auto", "on", "off"):
             raise OnnxlwError(
                 f"network_aware={self.network_aware!r} is unknown", "use 'auto', 'on' or 'off'"
@@ -345,12 +351,15 @@ class Config:
         input is larger than 3x224x224 so that images x values stays where it is at 224 (the
         synthesized activations, and memory, grow with both), never below 16 (the 8-bit
         default). Each layer samples at most ``max_positions`` columns, so a large image
-        gives a layer as many columns as several small ones. Measured: PP-OCRv4 det at
+        gives a layer as many columns as several small ones. Rounded down to a power of two.
+        Measured: PP-OCRv4 det at
         640x640, W4: 3.6 GB peak RSS with 64 images (W8A8 with 16: 1.0 GB)."""
         n = self.synth_samples
         if self.samples is not None or image_values <= REFERENCE_IMAGE_VALUES:
             return n
-        return max(min(n, 16), round(n * REFERENCE_IMAGE_VALUES / image_values))
+        fewer = max(min(n, 16), int(n * REFERENCE_IMAGE_VALUES / image_values))
+        # A power of two (as the defaults are) divides a model's hard-coded batch of 2, 4, 8.
+        return max(min(n, 16), 1 << (fewer.bit_length() - 1))
 
     @property
     def input_act_bits(self) -> int:
@@ -363,7 +372,7 @@ class Config:
         return (
             self.weight_bits < 8
             or self.act_bits < 8
-            or self.input_act_bits < 8
+            or (self.quantize and self.input_act_bits < 8)
             or any(b < 8 for _, b in self.layer_bits)
             or self.size_budget is not None
         )

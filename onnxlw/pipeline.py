@@ -83,7 +83,8 @@ def compress(
     if config.low_bits:
         require_lowbit()  # before any work: this onnxruntime must run the low-bit output
     loaded: LoadedModel = stage("load", load, model, config)
-    config = _resolve_samples(config, loaded)
+    if plan is None:  # a loaded plan synthesizes nothing
+        config = _resolve_samples(config, loaded)
     canon: Canonical = stage("canonicalize", canonicalize, loaded.model)
     canon = stage("precondition", precondition, canon, config, loaded.inputs)
     if canon.model is not loaded.model:
@@ -235,7 +236,7 @@ def _resolve_samples(config: Config, loaded: LoadedModel) -> Config:
     if n == config.synth_samples:
         return config
     loaded.notes.append(
-        f"{n} synthetic images instead of {config.synth_samples}: the input has {values:,} "
+        f"{n} synthetic images instead of {config.synth_samples}: the inputs have {values:,} "
         f"values per image, {values / REFERENCE_IMAGE_VALUES:.1f}x a 3x224x224 image, and memory "
         "grows with both (pass --samples to choose)"
     )
@@ -272,6 +273,13 @@ def check_plan_precondition(plan: Plan, config: Config) -> None:
                                      "--equalize on|off"),
         "high-bias absorption": (saved.absorb_bias, config.absorb_bias, "--absorb-bias"),
     }
+    then_in = saved.input_act_bits if "input_bits" in opts else saved.act_bits
+    if then_in != config.input_act_bits:
+        raise OnnxlwError(
+            f"the plan was solved with the graph inputs on a {then_in}-bit grid and this run "
+            f"asks for {config.input_act_bits} bits",
+            f"pass --input-bits {then_in}, or solve again without --load-plan",
+        )
     for what, (then, now, flag) in was.items():
         if then != now:
             raise OnnxlwError(

@@ -92,6 +92,7 @@ class StatsCollector:
         self.root_index = {n: k for k, n in enumerate(self.roots)}
         self.same_as = {n: qt.same_as for n, qt in analysis.qtensors.items() if qt.same_as}
         self.qtensors = analysis.qtensors
+        self.input_data = analysis.input_data | set(inputs.names)
         self.by_input: dict[str, list[LayerRecord]] = {}
         for r in analysis.active_layers:
             self.by_input.setdefault(r.input, []).append(r)
@@ -155,7 +156,7 @@ class StatsCollector:
     def _range(self, name: str, x: np.ndarray) -> ActQuant:
         cfg = self.config
         declared = self.inputs.declared_range
-        bits = cfg.input_act_bits if name in self.inputs.names else cfg.act_bits
+        bits = cfg.input_act_bits if name in self.input_data else cfg.act_bits
         if declared is not None and name in self.inputs.names:
             lo, hi = declared  # the exact bounds of any real input
             s, z = affine_params(lo, hi, bits)

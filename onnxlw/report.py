@@ -64,6 +64,8 @@ class Report:
     notes: list[dict[str, Any]] = field(default_factory=list)
     layers: list[LayerReport] = field(default_factory=list)
     activations_quantized: int = 0
+    input_grid_bits: list[int] = field(default_factory=list)
+    """Bits of the grids written for the graph inputs' data (``Analysis.input_data``)."""
     unsupported_ops: list[str] = field(default_factory=list)
     validation: Validation | None = None
     size_before: int = 0
@@ -113,10 +115,11 @@ class Report:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     def _input_bits_note(self) -> str:
-        """", graph inputs N bits" when the inputs' grid differs from the activations'."""
-        ib = self.config.get("input_bits")
-        ib = 8 if ib is None else ib
-        return "" if ib == self.config.get("act_bits", 8) else f" (graph inputs {ib} bits)"
+        """" (graph inputs N bits)" when the grid written for the inputs' data differs from
+        the activations' (read from the written grids, so a loaded plan reports its own)."""
+        act = self.config.get("act_bits", 8)
+        other = [b for b in self.input_grid_bits if b != act]
+        return f" (graph inputs {'/'.join(map(str, other))} bits)" if other else ""
 
     def summary(self) -> str:
         """The closing summary printed by the CLI."""
@@ -187,7 +190,7 @@ class Report:
                 )
         bits = [int(r.stats["bits"]) for r in done if "bits" in r.stats]
         if not ad and (bits and min(bits) < 8 or self.config.get("act_bits", 8) < 8
-                       or (self.config.get("input_bits") or 8) < 8):
+                       or any(b < 8 for b in self.input_grid_bits)):
             hist = ", ".join(
                 f"{bits.count(b)} at {b}" for b in sorted(set(bits), reverse=True)
             )
@@ -268,7 +271,8 @@ class Report:
     def layer_table(self) -> str:
         """One line per layer (``onnxlw compress -v``): its weights, bits, sparsity or books,
         rounding, output SQNR on the synthesized inputs, or why it was skipped."""
-        rows = [("layer", "op", "weights", "bits", "sparsity", "rounding", "SQNR dB")]
+        rows = [("layer", "op", "weights", "bits", "sparsity", "rounding",
+                 "SQNR dB (or why float)")]
         for r in self.layers:
             st = r.stats
             if r.skipped is not None:
@@ -411,6 +415,8 @@ def make_report(
         notes=[n.to_dict() for n in canon.notes],
         layers=layers,
         activations_quantized=len(analysis.qtensors),
+        input_grid_bits=sorted({a.bits for t, a in plan.activations.items()
+                                if t in analysis.input_data or t in spec.names}),
         unsupported_ops=analysis.unsupported_ops,
         inputs=spec.to_dict(),
         synthesis={"mode": info.mode, "segments": info.segments} if info else {"plan": "loaded"},

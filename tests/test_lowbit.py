@@ -418,3 +418,26 @@ def test_large_inputs_get_fewer_synthetic_images(hw: int, samples: int | None, w
     assert Config.from_dict(rep.config).synth_samples == want
     said = [w for w in rep.warnings if "synthetic images instead of 64" in w]
     assert bool(said) == (samples is None and want != 64)
+
+
+def test_input_grid_is_reported_as_written_and_a_plan_keeps_its_own(tmp_path) -> None:  # noqa: ANN001
+    """The report reads the grid written for the inputs' data (through an in-graph
+    normalization too); a plan solved with one input grid is refused with another."""
+    b = M.Builder(5, 17)
+    norm = b.node("Mul", ["input", b.init("half", np.array(0.5, np.float32))])
+    y = b.conv_bn_relu(norm, 3, 8)
+    y = b.conv_bn_relu(y, 8, 8)
+    m = b.model([("input", ["N", 3, 16, 16])], [("output", y, ["N", 8, 16, 16])])
+    cfg = dataclasses.replace(CFG, act_bits=5)
+    _, rep = onnxlw.compress(m, cfg)
+    assert rep.input_grid_bits == [8]  # the Mul's output is still the input's data
+    acts = rep.plan.activations
+    assert acts[norm].bits == 8 and sum(a.bits == 5 for a in acts.values()) >= 2
+    path = tmp_path / "plan.npz"
+    rep.plan.save(path)
+    with pytest.raises(OnnxlwError, match="graph inputs on a 8-bit grid"):
+        onnxlw.compress(m, dataclasses.replace(cfg, input_bits=5), plan=path)
+    _, rep5 = onnxlw.compress(m, dataclasses.replace(cfg, input_bits=5))
+    assert rep5.input_grid_bits == [5] and "graph inputs" not in rep5.summary()
+    with pytest.raises(OnnxlwError, match="activations are not quantized"):
+        Config(input_bits=6, quantize=False)

@@ -632,9 +632,8 @@ def cmd_recheck(a: argparse.Namespace) -> int:
         if not logp.exists() or not (models / e["file"]).exists():
             continue
         row, so, se = _from_log(e, logp.read_text())
-        dst = out / f"{e['name']}.w8a8.onnx"
-        if not dst.exists():  # a run with --args
-            dst = out / f"{e['name']}.out.onnx"
+        m = re.search(r" -o (\S+)", row["command"])  # the file that run wrote
+        dst = Path(m.group(1)) if m else out / f"{e['name']}.w8a8.onnx"
         results.append(parse_run(row, models / e["file"], dst,
                                  out / f"{e['name']}.report.json", so, se))
     rpath = out / "results.json"
