@@ -92,7 +92,7 @@ class StatsCollector:
         self.root_index = {n: k for k, n in enumerate(self.roots)}
         self.same_as = {n: qt.same_as for n, qt in analysis.qtensors.items() if qt.same_as}
         self.qtensors = analysis.qtensors
-        self.input_data = analysis.input_data | set(inputs.names)
+        self.input_data = analysis.input_data  # the graph inputs included
         self.by_input: dict[str, list[LayerRecord]] = {}
         for r in analysis.active_layers:
             self.by_input.setdefault(r.input, []).append(r)

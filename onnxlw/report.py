@@ -267,7 +267,6 @@ class Report:
         )
         return "\n".join(lines)
 
-
     def layer_table(self) -> str:
         """One line per layer (``onnxlw compress -v``): its weights, bits, sparsity or books,
         rounding, output SQNR on the synthesized inputs, or why it was skipped."""
@@ -278,15 +277,14 @@ class Report:
             if r.skipped is not None:
                 rows.append((r.node, r.op_type, f"{r.params:,}", "float", "", "", r.skipped))
                 continue
-            bits = "books " + f"{int(st['books'])}" if "books" in st else (
-                f"{int(st['bits'])}" if "bits" in st else ""
-            )
-            gd = st.get("gptq_damping", 0.0)
-            rnd = f"gptq (damping {gd:g})" if st.get("gptq_channels", 0) > 0 else "nearest"
             if "books" in st:
-                rnd = "additive codes"
-            elif "bits" not in st:
-                rnd = ""
+                bits, rnd = f"books {int(st['books'])}", "additive codes"
+            elif "bits" in st:
+                gptq = st.get("gptq_channels", 0) > 0
+                bits = f"{int(st['bits'])}"
+                rnd = f"gptq (damping {st.get('gptq_damping', 0.0):g})" if gptq else "nearest"
+            else:
+                bits, rnd = "", ""
             sp = f"{100 * st['sparsity']:.1f} %" if "sparsity" in st else ""
             sq = "" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
             rows.append((r.node, r.op_type, f"{r.params:,}", bits, sp, rnd, sq))
@@ -416,7 +414,7 @@ def make_report(
         layers=layers,
         activations_quantized=len(analysis.qtensors),
         input_grid_bits=sorted({a.bits for t, a in plan.activations.items()
-                                if t in analysis.input_data or t in spec.names}),
+                                if t in analysis.input_data}),
         unsupported_ops=analysis.unsupported_ops,
         inputs=spec.to_dict(),
         synthesis={"mode": info.mode, "segments": info.segments} if info else {"plan": "loaded"},
